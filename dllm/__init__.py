@@ -1,0 +1,1 @@
+"""dllm: masked diffusion language models for code, in JAX/Flax."""
