@@ -1,0 +1,271 @@
+"""Bidirectional Transformer in the Qwen2 / Dream / DiffuCoder layout.
+
+Token embedding, RoPE, grouped-query attention with q/k/v bias, RMSNorm, SwiGLU
+MLP, tied or untied output head. Attention is bidirectional by default; a causal
+mode (and anything in between, for attention-mask annealing) is selected per call
+with `lookahead`. Layers are stacked with `nn.scan` (one compiled layer, params
+with a leading "layers" axis), so a 28-layer model compiles as fast as a 1-layer one.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`) and the
+main activations carry `nn.with_logical_constraint`; `dllm.sharding` maps the names
+onto a device mesh.
+
+    model = Transformer(ModelConfig(**PRESETS["tiny"]))
+    params = model.init(rng, tokens)["params"]
+    logits = model.apply({"params": params}, tokens)        # [B, S, V] float32
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU scale: ~1.6M parameters at vocab 2048; trains in minutes on 2 cores.
+    "tiny": dict(vocab_size=2048, hidden=128, layers=4, heads=4, kv_heads=2,
+                 head_dim=32, mlp=384, rope_theta=10000.0),
+    # ~100M parameters (GPT-2-small-like width) for benchmarks.
+    "100m": dict(vocab_size=32768, hidden=768, layers=12, heads=12, kv_heads=4,
+                 head_dim=64, mlp=2048, rope_theta=10000.0),
+    # DiffuCoder-7B = Dream-7B = Qwen2.5-7B shape.
+    "7b": dict(vocab_size=152064, hidden=3584, layers=28, heads=28, kv_heads=4,
+               head_dim=128, mlp=18944, rope_theta=1e6, rms_eps=1e-6,
+               tie_embeddings=False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    mlp: int
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-6
+    tie_embeddings: bool = False
+    qkv_bias: bool = True
+    # Dream convention: position i-1's output predicts token i.
+    shift_logits: bool = True
+    # Attention default for calls that pass no `lookahead`: False = bidirectional.
+    causal: bool = False
+    dtype: str = "float32"        # compute dtype: float32 | bfloat16
+    param_dtype: str = "float32"  # storage dtype of parameters: float32 | bfloat16
+    remat: str = "none"           # none | full | dots (save matmul outputs)
+
+    def __post_init__(self):
+        if self.heads % self.kv_heads:
+            raise ValueError(f"model.heads={self.heads} must be a multiple of "
+                             f"model.kv_heads={self.kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"model.head_dim={self.head_dim} must be even (RoPE)")
+        for key, allowed in (("dtype", ("float32", "bfloat16")),
+                             ("param_dtype", ("float32", "bfloat16")),
+                             ("remat", ("none", "full", "dots"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"model.{key}={getattr(self, key)!r}; allowed: {allowed}")
+
+
+def config_from_dict(d) -> ModelConfig:
+    """ModelConfig from a dict / ConfigDict; unknown keys fail naming the key."""
+    d = dict(d)
+    if "preset" in d:  # a config may carry the preset name for reference
+        d.pop("preset")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise KeyError(f"unknown model config key(s) {unknown}; allowed: {sorted(fields)}")
+    return ModelConfig(**d)
+
+
+def preset(name: str, **overrides) -> dict[str, Any]:
+    """The preset's fields (all of ModelConfig's) as a plain dict, with overrides."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; allowed: {sorted(PRESETS)}")
+    fields = dataclasses.asdict(ModelConfig(**PRESETS[name]))
+    fields.update(overrides)
+    return dataclasses.asdict(config_from_dict(fields))
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Number of parameters (closed form)."""
+    e, q, kv = cfg.hidden, cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    attn = e * q + 2 * e * kv + q * e + (q + 2 * kv if cfg.qkv_bias else 0)
+    layer = attn + 3 * e * cfg.mlp + 2 * e
+    head = 0 if cfg.tie_embeddings else e * cfg.vocab_size
+    return cfg.layers * layer + cfg.vocab_size * e + head + e
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
+    """Matmul FLOPs per token. Bidirectional attention sees all `seq_len` keys, so
+    scores + values cost 4*S*H*D per token per layer (not halved as for causal).
+    Training = forward + backward = 3x forward."""
+    e, q, kv = cfg.hidden, cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    dense = cfg.layers * (e * q + 2 * e * kv + q * e + 3 * e * cfg.mlp) + e * cfg.vocab_size
+    attention = cfg.layers * 4 * seq_len * q
+    forward = 2 * dense + attention
+    return 3 * forward if training else forward
+
+
+# ----------------------------------------------------------------------------- layers
+
+def _dense(features, axes, cfg: ModelConfig, name, use_bias=False):
+    """Dense layer whose kernel (and bias) carry logical axis names."""
+    return nn.DenseGeneral(
+        features, use_bias=use_bias, name=name,
+        dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)  # normalise in float32, as Qwen2 does
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embedding, half-split layout (Qwen2 / HF `rotate_half`).
+    x: [B, S, N, D]; positions: [B, S] int."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    angles = positions[..., None].astype(jnp.float32) * inv_freq      # [B, S, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attention_mask(valid: Array, lookahead) -> Array:
+    """[B, 1, S, S] bool: query i sees key j iff both are valid tokens and
+    j <= i + lookahead. lookahead None = bidirectional, 0 = causal; values in
+    between anneal causal -> full (may be a traced scalar)."""
+    mask = valid[:, None, :, None] & valid[:, None, None, :]
+    if lookahead is not None:
+        s = valid.shape[1]
+        i = jnp.arange(s)[:, None]
+        j = jnp.arange(s)[None, :]
+        mask = mask & (j <= i + lookahead)[None, None]
+    return mask
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        cfg = self.cfg
+        q = _dense((cfg.heads, cfg.head_dim), ("embed", "heads", "head_dim"), cfg, "q",
+                   cfg.qkv_bias)(x)
+        k = _dense((cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), cfg, "k",
+                   cfg.qkv_bias)(x)
+        v = _dense((cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), cfg, "v",
+                   cfg.qkv_bias)(x)
+        q = nn.with_logical_constraint(rope(q, positions, cfg.rope_theta),
+                                       ("batch", "length", "act_heads", "head_dim"))
+        k = rope(k, positions, cfg.rope_theta)
+        # GQA: jax.nn.dot_product_attention repeats the K/V heads itself.
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)           # [B, S, H, D]
+        out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", "head_dim"))
+        return nn.DenseGeneral(
+            cfg.hidden, axis=(-2, -1), use_bias=False, name="o",
+            dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), ("heads", "head_dim", "embed")))(out)
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        gate = _dense(cfg.mlp, ("embed", "mlp"), cfg, "gate")(x)
+        up = _dense(cfg.mlp, ("embed", "mlp"), cfg, "up")(x)
+        h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        return _dense(cfg.hidden, ("mlp", "embed"), cfg, "down")(h)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block; scanned over layers (carry = residual stream)."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        cfg = self.cfg
+        pd = jnp.dtype(cfg.param_dtype)
+        h = Attention(cfg, name="attn")(RMSNorm(cfg.rms_eps, pd, name="attn_norm")(x),
+                                        positions, mask)
+        x = x + h
+        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_eps, pd, name="mlp_norm")(x))
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        return x, None
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the block in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: Array, valid: Array | None = None,
+                 positions: Array | None = None, lookahead="default") -> Array:
+        """tokens: [B, S] int; valid: [B, S] bool (False = padding, excluded from
+        attention; default all True); positions: [B, S] int (default cumsum(valid)-1,
+        so the first real token of a left-padded row has position 0); lookahead:
+        None (bidirectional), 0 (causal) or an int / traced scalar in between;
+        "default" = the config's `causal`. Returns logits [B, S, V] float32, shifted
+        (position i predicts token i) when cfg.shift_logits."""
+        cfg = self.cfg
+        if valid is None:
+            valid = jnp.ones(tokens.shape, bool)
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+        if isinstance(lookahead, str):
+            lookahead = 0 if cfg.causal else None
+        mask = attention_mask(valid, lookahead)
+
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden, name="embed",
+                         dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                         embedding_init=nn.with_logical_partitioning(
+                             nn.initializers.normal(0.02), ("vocab", "embed")))
+        x = embed(tokens)
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
+        x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.layers,
+                       metadata_params={nn.PARTITION_NAME: "layers"})(
+                           cfg, name="layers")(x, positions, mask)
+        x = RMSNorm(cfg.rms_eps, jnp.dtype(cfg.param_dtype), name="final_norm")(x)
+
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, "lm_head")(x)
+        logits = nn.with_logical_constraint(logits.astype(jnp.float32),
+                                            ("batch", "length", "act_vocab"))
+        if cfg.shift_logits:
+            logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
+        return logits

@@ -1,0 +1,136 @@
+"""Model: attention direction, padding, RoPE, logits shift, FLOPs and param count."""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dllm import model as M
+
+CFG = M.ModelConfig(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8,
+                    mlp=64, shift_logits=False)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return M.Transformer(CFG).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+
+
+def apply(params, tokens, cfg=CFG, **kw):
+    return M.Transformer(cfg).apply({"params": params}, tokens, **kw)
+
+
+def tokens(seed=0, b=2, s=12):
+    return jax.random.randint(jax.random.key(seed), (b, s), 0, CFG.vocab_size)
+
+
+def test_bidirectional_sees_later_tokens_and_causal_does_not(params):
+    x = tokens()
+    y = x.at[:, 9].set((x[:, 9] + 1) % CFG.vocab_size)
+    bi = jnp.abs(apply(params, x) - apply(params, y))
+    assert bi[:, 3].max() > 1e-4
+    causal = jnp.abs(apply(params, x, lookahead=0) - apply(params, y, lookahead=0))
+    assert causal[:, :9].max() == 0.0
+    assert causal[:, 9].max() > 1e-4
+    # The config's `causal` flag is the same as lookahead=0.
+    causal_cfg = dataclasses.replace(CFG, causal=True)
+    np.testing.assert_array_equal(apply(params, x, causal_cfg), apply(params, x, lookahead=0))
+
+
+def test_lookahead_interpolates_between_causal_and_full(params):
+    x = tokens()
+    np.testing.assert_allclose(apply(params, x, lookahead=x.shape[1]), apply(params, x),
+                               atol=1e-6)
+    y = x.at[:, 9].set((x[:, 9] + 1) % CFG.vocab_size)
+    diff = jnp.abs(apply(params, x, lookahead=3) - apply(params, y, lookahead=3)).max(axis=(0, 2))
+    # Each of the 2 layers lets position i see up to i + 3, so 9 reaches back to 3.
+    assert diff[:3].max() == 0.0 and diff[3] > 1e-4
+
+
+def test_left_padding_changes_no_real_output(params):
+    x = tokens(s=10)
+    pad = 5
+    padded_a = jnp.concatenate([jnp.zeros((2, pad), x.dtype), x], axis=1)
+    padded_b = jnp.concatenate([jnp.full((2, pad), 7, x.dtype), x], axis=1)
+    valid = jnp.concatenate([jnp.zeros((2, pad), bool), jnp.ones_like(x, bool)], axis=1)
+    out_a = apply(params, padded_a, valid=valid)
+    out_b = apply(params, padded_b, valid=valid)
+    np.testing.assert_array_equal(out_a[:, pad:], out_b[:, pad:])
+    # Positions restart at 0 on the first real token: same as the unpadded input.
+    np.testing.assert_allclose(out_a[:, pad:], apply(params, x), atol=1e-5)
+
+
+def test_rope_scores_depend_on_relative_position_only():
+    q = jax.random.normal(jax.random.key(1), (1, 1, 1, 16))
+    k = jax.random.normal(jax.random.key(2), (1, 1, 1, 16))
+
+    def score(pq, pk):
+        return float(jnp.sum(M.rope(q, jnp.array([[pq]]), 1e4) * M.rope(k, jnp.array([[pk]]), 1e4)))
+
+    assert score(5, 2) == pytest.approx(score(105, 102), rel=1e-4)
+    assert score(5, 2) != pytest.approx(score(5, 3), rel=1e-3)
+    # Position 0 is the identity rotation.
+    np.testing.assert_allclose(M.rope(q, jnp.zeros((1, 1), jnp.int32), 1e4), q, atol=1e-7)
+
+
+def test_logits_shift_moves_predictions_right_by_one(params):
+    x = tokens()
+    shifted = apply(params, x, dataclasses.replace(CFG, shift_logits=True))
+    plain = apply(params, x)
+    np.testing.assert_array_equal(shifted[:, 1:], plain[:, :-1])
+    np.testing.assert_array_equal(shifted[:, 0], plain[:, 0])
+
+
+def test_bfloat16_and_remat_agree_with_float32(params):
+    x = tokens()
+    ref = apply(params, x)
+    for cfg in (dataclasses.replace(CFG, remat="full"), dataclasses.replace(CFG, remat="dots")):
+        np.testing.assert_allclose(apply(params, x, cfg), ref, atol=1e-5)
+    bf16 = apply(params, x, dataclasses.replace(CFG, dtype="bfloat16"))
+    assert bf16.dtype == jnp.float32
+    np.testing.assert_allclose(bf16, ref, atol=0.05)
+
+
+def test_param_count_matches_initialised_tree(params):
+    assert sum(p.size for p in jax.tree.leaves(params)) == M.param_count(CFG)
+    tied = dataclasses.replace(CFG, tie_embeddings=True)
+    p = M.Transformer(tied).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    assert "lm_head" not in p
+    assert sum(x.size for x in jax.tree.leaves(p)) == M.param_count(tied)
+
+
+def test_parameters_carry_logical_axes():
+    boxed = M.Transformer(CFG).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    specs = nn.get_partition_spec(boxed)
+    assert tuple(specs["layers"]["attn"]["q"]["kernel"]) == ("layers", "embed", "heads", "head_dim")
+    assert tuple(specs["layers"]["mlp"]["down"]["kernel"]) == ("layers", "mlp", "embed")
+    assert tuple(specs["embed"]["embedding"]) == ("vocab", "embed")
+
+
+def test_flops_per_token_matches_xla_cost_analysis():
+    """The closed-form forward FLOPs agree with XLA's count for a matmul-heavy shape
+    (one layer: XLA's cost analysis counts a scanned loop body once)."""
+    cfg = M.ModelConfig(vocab_size=512, hidden=256, layers=1, heads=4, kv_heads=2, head_dim=64,
+                        mlp=1024)
+    seq = 128
+    model = M.Transformer(cfg)
+    p = model.init(jax.random.key(0), jnp.zeros((1, seq), jnp.int32))["params"]
+    compiled = jax.jit(lambda p, t: model.apply({"params": p}, t)).lower(
+        p, jnp.zeros((1, seq), jnp.int32)).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    ours = M.flops_per_token(cfg, seq, training=False) * seq
+    assert ours == pytest.approx(cost["flops"], rel=0.1)
+    assert M.flops_per_token(cfg, seq) == 3 * M.flops_per_token(cfg, seq, training=False)
+
+
+def test_presets_and_bad_config():
+    big = M.ModelConfig(**M.PRESETS["7b"])
+    assert 7.0e9 < M.param_count(big) < 7.8e9
+    assert 80e6 < M.param_count(M.ModelConfig(**M.PRESETS["100m"])) < 130e6
+    with pytest.raises(KeyError, match="hiden"):
+        M.config_from_dict({**M.PRESETS["tiny"], "hiden": 3})
+    with pytest.raises(ValueError, match="kv_heads"):
+        M.ModelConfig(**{**M.PRESETS["tiny"], "kv_heads": 3})
