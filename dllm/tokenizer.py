@@ -144,7 +144,7 @@ class SentencePieceTokenizer(Tokenizer):
         flat = self._sp.encode([p for ps in parts for p in ps], num_threads=os.cpu_count() or 1)
         out, k = [], 0
         for ps in parts:
-            ids = list(flat[k])
+            ids = flat[k]  # a fresh list: extending it in place is safe
             for part_ids in flat[k + 1:k + len(ps)]:
                 ids += self._meta_ids + part_ids
             out.append(ids)
