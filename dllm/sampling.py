@@ -28,7 +28,7 @@ values of the rest of the canvas cached when the row entered the block
 (Fast-dLLM's dual cache; `cache_refresh` refreshes it more often, 1 = exactly).
 
     out = generate(params, prompts, rng, SampleConfig(alg="entropy"),
-                   apply_fn=model_apply_fn(model), mask_id=tok.mask_id, eos_id=tok.eos_id,
+                   apply_fn=train.model_apply(model), mask_id=tok.mask_id, eos_id=tok.eos_id,
                    pad_id=tok.pad_id, valid=prompt_valid)
     out.tokens, out.order        # [B, P + N] each
 """
@@ -107,13 +107,6 @@ class Decoded(NamedTuple):
     confidence: Array  # [B, S] float32: the rule's confidence at commit; nan where order = -1
     steps: Array       # [B] int32: model calls until the row was done
     refreshes: Array   # [] int32: full forwards made to refresh the KV cache
-
-
-def model_apply_fn(model) -> Callable:
-    """apply_fn(params, tokens, valid, **kw) for a `dllm.model.Transformer`; the
-    keyword arguments (cache, window, return_kv) are what `cache=True` needs."""
-    return lambda params, tokens, valid, **kw: model.apply({"params": params}, tokens,
-                                                            valid=valid, **kw)
 
 
 def history(out: Decoded, mask_id: int) -> Array:
@@ -360,7 +353,7 @@ def generate(params, prompts: Array, rng: Array, cfg: SampleConfig, *, apply_fn:
     the prompts (infilling). prompts: [B, P] int, left-padded where `valid` [B, P]
     bool is False (default all valid). apply_fn(params, tokens, valid, **kw) ->
     logits [B, S, V] (shifted as the model is trained; with cfg.cache it must take
-    `Transformer`'s cache/window/return_kv keywords: see `model_apply_fn`).
+    `Transformer`'s cache/window/return_kv keywords, as `train.model_apply` does).
     eos_id: None = no EOS handling; else a row stops once nothing before its first
     generated EOS is masked, and what follows is returned as pad_id (default eos_id).
     Returns Decoded: tokens and order [B, P + N] first. Jitted; cfg, apply_fn and

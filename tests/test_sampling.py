@@ -9,13 +9,14 @@ import pytest
 
 from dllm import model as M
 from dllm import sampling as S
+from dllm.train import model_apply
 
 VOCAB = 64
 MASK, PAD, EOS = 63, 62, 61
 CFG = M.ModelConfig(vocab_size=VOCAB, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8,
                     mlp=64)
 MODEL = M.Transformer(CFG)
-APPLY = S.model_apply_fn(MODEL)
+APPLY = model_apply(MODEL)
 N = 12  # new tokens
 
 
