@@ -237,13 +237,22 @@ class _State(NamedTuple):
     cache: KVCache | None
 
 
+def _at(x: Array, window: Array) -> Array:
+    """x [B, S, ...] at the canvas positions window [B, W] -> [B, W, ...]."""
+    return jnp.take_along_axis(x, window.reshape(window.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _first_eos(tokens: Array, generated: Array, eos_id: int) -> Array:
+    """[B, 1] position of the row's first generated EOS (S if none)."""
+    eos = (tokens == eos_id) & generated
+    return jnp.where(eos.any(-1), jnp.argmax(eos, -1), tokens.shape[1])[:, None]
+
+
 def _row_done(tokens: Array, generated: Array, mask_id: int, eos_id: int | None) -> Array:
     """[B] bool: nothing masked before the row's first generated EOS (or at all)."""
     masked = (tokens == mask_id) & generated
     if eos_id is not None:
-        eos = (tokens == eos_id) & generated
-        first_eos = jnp.where(eos.any(-1), jnp.argmax(eos, -1), tokens.shape[1])
-        masked = masked & (jnp.arange(tokens.shape[1]) < first_eos[:, None])
+        masked = masked & (jnp.arange(tokens.shape[1]) < _first_eos(tokens, generated, eos_id))
     return ~masked.any(-1)
 
 
@@ -266,7 +275,7 @@ def _window_logits(params, apply_fn, st: _State, valid, window, refresh):
         logits = apply_fn(params, st.tokens, valid)
         if window.shape[1] == st.tokens.shape[1]:
             return logits, None, 0
-        return jnp.take_along_axis(logits, window[..., None], axis=1), None, 0
+        return _at(logits, window), None, 0
 
     def fresh(cache):
         _, kv = apply_fn(params, st.tokens, valid, return_kv=True)
@@ -274,17 +283,16 @@ def _window_logits(params, apply_fn, st: _State, valid, window, refresh):
         return cache._replace(k=jnp.where(rows, kv.k, cache.k), v=jnp.where(rows, kv.v, cache.v))
 
     cache = jax.lax.cond(refresh.any(), fresh, lambda c: c, st.cache)
-    take = functools.partial(jnp.take_along_axis, indices=window, axis=1)
-    logits = apply_fn(params, take(st.tokens), take(valid), cache=cache, window=window)
+    logits = apply_fn(params, _at(st.tokens, window), _at(valid, window), cache=cache,
+                      window=window)
     return logits, cache, refresh.any().astype(jnp.int32)
 
 
 def _step(st: _State, params, rng, cfg: SampleConfig, apply_fn, valid, generated, first,
-          steps_per_block, ids):
+          block_length, steps_per_block, ids):
     """One denoising step for every row that is not done."""
     mask_id, eos_id = ids
     b, s = st.tokens.shape
-    block_length = cfg.block_length or s
     width = min(block_length + 1, s)  # + the position left of the block: the logits shift
     masked = (st.tokens == mask_id) & generated
     leftmost = jnp.where(masked.any(-1), jnp.argmax(masked, -1), s)
@@ -298,14 +306,13 @@ def _step(st: _State, params, rng, cfg: SampleConfig, apply_fn, valid, generated
 
     k_propose, k_select = jax.random.split(jax.random.fold_in(rng, st.i))
     x0, prob, confidence = propose(logits, k_propose, cfg, mask_id, eos_id)
-    take = functools.partial(jnp.take_along_axis, indices=window, axis=1)
-    eligible = take(masked) & (window < (start + block_length)[:, None]) & active[:, None]
+    eligible = _at(masked, window) & (window < (start + block_length)[:, None]) & active[:, None]
     k = how_many(cfg, eligible, prob, j, steps_per_block)
     frac = reveal_fraction(j, steps_per_block, cfg.eps)
     commit = select(cfg, confidence, eligible, k, frac, k_select)
 
     rows = jnp.arange(b)[:, None]
-    put = lambda x, new: x.at[rows, window].set(jnp.where(commit, new, take(x)))
+    put = lambda x, new: x.at[rows, window].set(jnp.where(commit, new, _at(x, window)))
     tokens = put(st.tokens, x0)
     return _State(tokens=tokens, order=put(st.order, st.i), confidence=put(st.confidence, confidence),
                   block=block, j=j + 1, done=_row_done(tokens, generated, mask_id, eos_id),
@@ -320,7 +327,8 @@ def _generate(params, prompts, valid, rng, cfg, apply_fn, mask_id, pad_id, eos_i
     tokens = jnp.concatenate([prompts, jnp.full((b, n), mask_id, prompts.dtype)], axis=1)
     valid = jnp.concatenate([valid, jnp.ones((b, n), bool)], axis=1)
     generated = (tokens == mask_id) & valid
-    first, steps_per_block = _block_layout(generated, cfg.block_length or p + n, cfg.steps)
+    block_length = cfg.block_length or p + n  # 0: one block
+    first, steps_per_block = _block_layout(generated, block_length, cfg.steps)
     cache = None
     if cfg.cache:
         kv = jax.eval_shape(lambda: apply_fn(params, tokens, valid, return_kv=True)[1])
@@ -335,14 +343,13 @@ def _generate(params, prompts, valid, rng, cfg, apply_fn, mask_id, pad_id, eos_i
     max_steps = max(cfg.steps, p + n)
     step = functools.partial(_step, params=params, rng=rng, cfg=cfg, apply_fn=apply_fn,
                              valid=valid, generated=generated, first=first,
-                             steps_per_block=steps_per_block, ids=(mask_id, eos_id))
+                             block_length=block_length, steps_per_block=steps_per_block,
+                             ids=(mask_id, eos_id))
     st = jax.lax.while_loop(lambda st: (st.i < max_steps) & ~st.done.all(), step, st)
     tokens = st.tokens
     if eos_id is not None:  # everything generated after the first EOS becomes pad
-        eos = (tokens == eos_id) & generated
-        first_eos = jnp.where(eos.any(-1), jnp.argmax(eos, -1), tokens.shape[1])
-        after = generated & (jnp.arange(tokens.shape[1]) > first_eos[:, None])
-        tokens = jnp.where(after, pad_id, tokens)
+        after = jnp.arange(tokens.shape[1]) > _first_eos(tokens, generated, eos_id)
+        tokens = jnp.where(generated & after, pad_id, tokens)
     return Decoded(tokens, st.order, st.confidence, st.steps, st.refreshes)
 
 
