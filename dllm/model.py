@@ -16,7 +16,7 @@ onto a device mesh.
 
 Decoding with a KV cache (Fast-dLLM's approximation, used by `dllm.sampling`): a
 full call with `return_kv=True` also returns every layer's keys and values; a later
-call on a window of the canvas (`cache=kv, window=index`) computes only the
+call on a window of the canvas (`cache=kv, window_start=start`) computes only the
 window's tokens, which attend to their own fresh K/V and to the cached K/V of every
 other position.
 """
@@ -120,6 +120,17 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
     return 3 * forward if training else forward
 
 
+def slice_rows(x: Array, start: Array, width: int) -> Array:
+    """x[b, start[b] : start[b] + width] for each row: [B, S, ...] -> [B, width, ...]."""
+    return jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, width))(x, start)
+
+
+def update_rows(x: Array, start: Array, new: Array) -> Array:
+    """x with x[b, start[b] : start[b] + W] = new[b] for each row (new: [B, W, ...])."""
+    return jax.vmap(lambda row, s, n: jax.lax.dynamic_update_slice_in_dim(row, n, s, 0))(
+        x, start, new.astype(x.dtype))
+
+
 class KVCache(NamedTuple):
     """Keys and values of every layer (RoPE applied) for a canvas of S positions.
     k, v: [L, B, S, kv_heads, head_dim]; valid: [B, S] bool (False = padding)."""
@@ -201,9 +212,9 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, mask, cached=None):
-        """x: [B, W, E]. cached: None, or (k, v, window) for a window call: this
-        layer's canvas K/V [B, S, kv_heads, D] and the window's canvas indices
-        [B, W]. Returns (output [B, W, E], this call's (k, v))."""
+        """x: [B, W, E]. cached: None, or (k, v, start) for a window call: this
+        layer's canvas K/V [B, S, kv_heads, D] and the window's first canvas index
+        [B]. Returns (output [B, W, E], this call's (k, v))."""
         cfg = self.cfg
         e = (cfg.hidden,)
         q = Projection(e, (cfg.heads, cfg.head_dim), ("embed", "heads", "head_dim"), cfg,
@@ -217,10 +228,8 @@ class Attention(nn.Module):
         k = rope(k, positions, cfg.rope_theta)
         fresh = (k, v)
         if cached is not None:  # the window's fresh K/V replace the cached ones there
-            cache_k, cache_v, window = cached
-            rows = jnp.arange(k.shape[0])[:, None]
-            k = cache_k.at[rows, window].set(k.astype(cache_k.dtype))
-            v = cache_v.at[rows, window].set(v.astype(cache_v.dtype))
+            cache_k, cache_v, start = cached
+            k, v = update_rows(cache_k, start, k), update_rows(cache_v, start, v)
         # GQA: jax.nn.dot_product_attention repeats the K/V heads itself.
         out = jax.nn.dot_product_attention(q, k, v, mask=mask)           # [B, W, H, D]
         out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", "head_dim"))
@@ -249,10 +258,10 @@ class Block(nn.Module):
     return_kv: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, mask, cached_kv, window):
+    def __call__(self, x, positions, mask, cached_kv, window_start):
         cfg = self.cfg
         pd = jnp.dtype(cfg.param_dtype)
-        cached = None if cached_kv is None else (*cached_kv, window)
+        cached = None if cached_kv is None else (*cached_kv, window_start)
         h, kv = Attention(cfg, name="attn")(RMSNorm(cfg.rms_eps, pd, name="attn_norm")(x),
                                             positions, mask, cached)
         x = x + h
@@ -273,7 +282,7 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens: Array, valid: Array | None = None,
                  positions: Array | None = None, lookahead="default",
-                 cache: KVCache | None = None, window: Array | None = None,
+                 cache: KVCache | None = None, window_start: Array | None = None,
                  return_kv: bool = False):
         """tokens: [B, S] int; valid: [B, S] bool (False = padding, excluded from
         attention; default all True); positions: [B, S] int (default cumsum(valid)-1,
@@ -282,10 +291,10 @@ class Transformer(nn.Module):
         "default" = the config's `causal`. Returns logits [B, S, V] float32, shifted
         (position i predicts token i) when cfg.shift_logits.
 
-        Window call: `cache` holds the K/V of a whole canvas [B, S_c] and `window`
-        [B, S] int the canvas indices of `tokens` (contiguous, so the logits shift
-        stays within the window); `valid` and `positions` default to the canvas's at
-        those indices; attention is bidirectional. With `return_kv`, returns
+        Window call: `cache` holds the K/V of a whole canvas [B, S_c] and `tokens`
+        are its positions window_start[b] ... window_start[b] + S - 1 ([B] int; the
+        logits shift stays within the window); `valid` and `positions` default to
+        the canvas's there; attention is bidirectional. With `return_kv`, returns
         (logits, KVCache of this call's tokens)."""
         cfg = self.cfg
         if isinstance(lookahead, str):
@@ -300,10 +309,10 @@ class Transformer(nn.Module):
             if lookahead is not None:
                 raise ValueError("a window call with a KV cache is bidirectional only")
             if valid is None:
-                valid = jnp.take_along_axis(cache.valid, window, axis=1)
+                valid = slice_rows(cache.valid, window_start, tokens.shape[1])
             if positions is None:
                 canvas_positions = jnp.maximum(jnp.cumsum(cache.valid, axis=1) - 1, 0)
-                positions = jnp.take_along_axis(canvas_positions, window, axis=1)
+                positions = slice_rows(canvas_positions, window_start, tokens.shape[1])
             mask = attention_mask(valid, None, key_valid=cache.valid)
 
         embed = nn.Embed(cfg.vocab_size, cfg.hidden, name="embed",
@@ -317,10 +326,11 @@ class Transformer(nn.Module):
         if cfg.remat != "none":
             block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
         cached_kv = None if cache is None else (cache.k, cache.v)
-        x, kv = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
-                        length=cfg.layers, metadata_params={nn.PARTITION_NAME: "layers"})(
-                            cfg, return_kv, name="layers")(x, positions, mask, cached_kv, window)
+        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                         length=cfg.layers, metadata_params={nn.PARTITION_NAME: "layers"})(
+                             cfg, return_kv, name="layers")
+        x, kv = layers(x, positions, mask, cached_kv, window_start)
         x = RMSNorm(cfg.rms_eps, jnp.dtype(cfg.param_dtype), name="final_norm")(x)
 
         if cfg.tie_embeddings:

@@ -41,7 +41,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dllm.model import KVCache
+from dllm.model import KVCache, slice_rows, update_rows
 
 Array = jax.Array
 
@@ -138,21 +138,33 @@ def _top_k(z: Array, top_k: int) -> Array:
     return jnp.where(z >= kth, z, -jnp.inf)
 
 
-def _confidence(alg: str, logits: Array, logp: Array, x0: Array, prob: Array, key) -> Array:
-    """The rule's score per position [B, W] (higher = unmask sooner)."""
+def _confidence(alg: str, logits: Array, z: Array, lse: Array, prob: Array, x0: Array,
+                key) -> Array:
+    """The rule's score per position [B, W] (higher = unmask sooner). z: the sampling
+    logits [B, W, V] (tempered, filtered) and lse their logsumexp [B, W]; logits:
+    untempered. Reductions over V only: no [B, W, V] probabilities are stored."""
     if alg == "maskgit_plus":
         return prob
     if alg == "topk_margin":
-        top2 = jnp.exp(jax.lax.top_k(logp, 2)[0])
-        return top2[..., 0] - top2[..., 1]
+        vocab = jnp.arange(z.shape[-1])
+        top1 = jnp.max(z, -1)
+        top2 = jnp.max(jnp.where(vocab == _argmax(z)[..., None], -jnp.inf, z), -1)
+        return jnp.exp(top1 - lse) - jnp.exp(top2 - lse)
     if alg == "entropy":
-        p = jnp.exp(logp)
-        return jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
+        logp = z - lse[..., None]
+        return jnp.sum(jnp.where(jnp.isfinite(logp), jnp.exp(logp) * logp, 0.0), -1)
     if alg == "low_confidence":  # LLaDA: probability under the untempered logits
-        return jnp.exp(_take(jax.nn.log_softmax(logits, axis=-1), x0))
+        return jnp.exp(_take(logits, x0) - jax.nn.logsumexp(logits, -1))
     if alg == "random":
         return jax.random.uniform(key, x0.shape)
     return jnp.zeros(x0.shape)  # origin reveals at random; no ranking
+
+
+def _argmax(z: Array) -> Array:
+    """argmax over the last axis (first of ties) as max + min-index reductions, which
+    XLA:CPU vectorises (its argmax reduction runs ~10x slower over a vocabulary)."""
+    hit = z == jnp.max(z, -1, keepdims=True)
+    return jnp.min(jnp.where(hit, jnp.arange(z.shape[-1]), z.shape[-1]), -1)
 
 
 def _take(x: Array, idx: Array) -> Array:
@@ -165,13 +177,16 @@ def propose(logits: Array, key, cfg: SampleConfig, mask_id: int, eos_id: int | N
     under the sampling distribution (temperature, then top-p, then top-k), confidence
     [B, W] the rule's score). The mask token is never proposed."""
     k_sample, k_rule = jax.random.split(key)
-    logits = logits.at[..., mask_id].set(-jnp.inf)
+    logits = jnp.where(jnp.arange(logits.shape[-1]) == mask_id, -jnp.inf, logits)
     z = logits / cfg.temperature if cfg.temperature > 0 else logits
     z = _top_k(_top_p(z, cfg.top_p), cfg.top_k)
-    logp = jax.nn.log_softmax(z, axis=-1)
-    x0 = jax.random.categorical(k_sample, z) if cfg.temperature > 0 else jnp.argmax(z, -1)
-    prob = jnp.exp(_take(logp, x0))
-    confidence = _confidence(cfg.alg, logits, logp, x0, prob, k_rule)
+    lse = jax.nn.logsumexp(z, -1)
+    if cfg.temperature > 0:  # Gumbel-max: a sample of softmax(z)
+        x0 = _argmax(z + jax.random.gumbel(k_sample, z.shape))
+    else:
+        x0 = _argmax(z)
+    prob = jnp.exp(_take(z, x0) - lse)
+    confidence = _confidence(cfg.alg, logits, z, lse, prob, x0, k_rule)
     if cfg.suppress_eos:  # rank EOS last and let it count for no parallel commit
         is_eos = x0 == eos_id
         confidence = jnp.where(is_eos, -jnp.inf, confidence)
@@ -237,11 +252,6 @@ class _State(NamedTuple):
     cache: KVCache | None
 
 
-def _at(x: Array, window: Array) -> Array:
-    """x [B, S, ...] at the canvas positions window [B, W] -> [B, W, ...]."""
-    return jnp.take_along_axis(x, window.reshape(window.shape + (1,) * (x.ndim - 2)), axis=1)
-
-
 def _first_eos(tokens: Array, generated: Array, eos_id: int) -> Array:
     """[B, 1] position of the row's first generated EOS (S if none)."""
     eos = (tokens == eos_id) & generated
@@ -267,15 +277,15 @@ def _block_layout(generated: Array, block_length: int, steps: int):
     return first, jnp.maximum(1, steps // blocks)
 
 
-def _window_logits(params, apply_fn, st: _State, valid, window, refresh):
-    """Logits [B, W, V] for the canvas positions `window` [B, W], and the cache:
-    refreshed by a full forward for the rows in `refresh` [B] (when there is a
-    cache), or the full forward's logits gathered at the window (when not)."""
+def _window_logits(params, apply_fn, st: _State, valid, start, width, refresh):
+    """Logits [B, width, V] for the canvas positions start[b] ... start[b] + width - 1,
+    and the cache: refreshed by a full forward for the rows in `refresh` [B] (with a
+    cache), or the full forward's logits sliced at the window (without)."""
     if st.cache is None:
         logits = apply_fn(params, st.tokens, valid)
-        if window.shape[1] == st.tokens.shape[1]:
+        if width == st.tokens.shape[1]:
             return logits, None, 0
-        return _at(logits, window), None, 0
+        return slice_rows(logits, start, width), None, 0
 
     def fresh(cache):
         _, kv = apply_fn(params, st.tokens, valid, return_kv=True)
@@ -283,8 +293,8 @@ def _window_logits(params, apply_fn, st: _State, valid, window, refresh):
         return cache._replace(k=jnp.where(rows, kv.k, cache.k), v=jnp.where(rows, kv.v, cache.v))
 
     cache = jax.lax.cond(refresh.any(), fresh, lambda c: c, st.cache)
-    logits = apply_fn(params, _at(st.tokens, window), _at(valid, window), cache=cache,
-                      window=window)
+    logits = apply_fn(params, slice_rows(st.tokens, start, width),
+                      slice_rows(valid, start, width), cache=cache, window_start=start)
     return logits, cache, refresh.any().astype(jnp.int32)
 
 
@@ -292,7 +302,7 @@ def _step(st: _State, params, rng, cfg: SampleConfig, apply_fn, valid, generated
           block_length, steps_per_block, ids):
     """One denoising step for every row that is not done."""
     mask_id, eos_id = ids
-    b, s = st.tokens.shape
+    s = st.tokens.shape[1]
     width = min(block_length + 1, s)  # + the position left of the block: the logits shift
     masked = (st.tokens == mask_id) & generated
     leftmost = jnp.where(masked.any(-1), jnp.argmax(masked, -1), s)
@@ -300,19 +310,21 @@ def _step(st: _State, params, rng, cfg: SampleConfig, apply_fn, valid, generated
     start = first + block * block_length
     j = jnp.where(block == st.block, st.j, 0)
     active = ~st.done
-    window = jnp.clip(start - 1, 0, s - width)[:, None] + jnp.arange(width)
+    window_start = jnp.clip(start - 1, 0, s - width)
+    window = window_start[:, None] + jnp.arange(width)
     refresh = active & ((j == 0) if cfg.cache_refresh == 0 else (j % cfg.cache_refresh == 0))
-    logits, cache, refreshed = _window_logits(params, apply_fn, st, valid, window, refresh)
+    logits, cache, refreshed = _window_logits(params, apply_fn, st, valid, window_start, width,
+                                              refresh)
 
     k_propose, k_select = jax.random.split(jax.random.fold_in(rng, st.i))
     x0, prob, confidence = propose(logits, k_propose, cfg, mask_id, eos_id)
-    eligible = _at(masked, window) & (window < (start + block_length)[:, None]) & active[:, None]
+    at = lambda x: slice_rows(x, window_start, width)
+    eligible = at(masked) & (window < (start + block_length)[:, None]) & active[:, None]
     k = how_many(cfg, eligible, prob, j, steps_per_block)
     frac = reveal_fraction(j, steps_per_block, cfg.eps)
     commit = select(cfg, confidence, eligible, k, frac, k_select)
 
-    rows = jnp.arange(b)[:, None]
-    put = lambda x, new: x.at[rows, window].set(jnp.where(commit, new, _at(x, window)))
+    put = lambda x, new: update_rows(x, window_start, jnp.where(commit, new, at(x)))
     tokens = put(st.tokens, x0)
     return _State(tokens=tokens, order=put(st.order, st.i), confidence=put(st.confidence, confidence),
                   block=block, j=j + 1, done=_row_done(tokens, generated, mask_id, eos_id),
@@ -360,7 +372,7 @@ def generate(params, prompts: Array, rng: Array, cfg: SampleConfig, *, apply_fn:
     the prompts (infilling). prompts: [B, P] int, left-padded where `valid` [B, P]
     bool is False (default all valid). apply_fn(params, tokens, valid, **kw) ->
     logits [B, S, V] (shifted as the model is trained; with cfg.cache it must take
-    `Transformer`'s cache/window/return_kv keywords, as `train.model_apply` does).
+    `Transformer`'s cache/window_start/return_kv keywords, as `train.model_apply` does).
     eos_id: None = no EOS handling; else a row stops once nothing before its first
     generated EOS is masked, and what follows is returned as pad_id (default eos_id).
     Returns Decoded: tokens and order [B, P + N] first. Jitted; cfg, apply_fn and

@@ -145,12 +145,14 @@ def test_window_call_with_a_fresh_cache_matches_the_full_forward(params):
     valid = jnp.arange(16)[None] >= jnp.array([[0], [3]])
     full, kv = apply(params, x, cfg, valid=valid, return_kv=True)
     assert kv.k.shape == (CFG.layers, 2, 16, CFG.kv_heads, CFG.head_dim)
-    window = jnp.array([[5, 6, 7, 8, 9], [9, 10, 11, 12, 13]])
-    out = apply(params, jnp.take_along_axis(x, window, 1), cfg, cache=kv, window=window)
+    start = jnp.array([5, 9])
+    window = start[:, None] + jnp.arange(5)
+    x_window = jnp.take_along_axis(x, window, 1)
+    out = apply(params, x_window, cfg, cache=kv, window_start=start)
     np.testing.assert_allclose(out[:, 1:], jnp.take_along_axis(full, window[:, 1:, None], 1),
                                atol=1e-5)
     # A stale cache (other tokens elsewhere) changes the window's logits.
     y = x.at[:, 0].set((x[:, 0] + 1) % CFG.vocab_size)
     _, stale = apply(params, y, cfg, valid=valid, return_kv=True)
-    out_stale = apply(params, jnp.take_along_axis(x, window, 1), cfg, cache=stale, window=window)
+    out_stale = apply(params, x_window, cfg, cache=stale, window_start=start)
     assert jnp.abs(out_stale[0] - out[0]).max() > 1e-4

@@ -186,6 +186,26 @@ def test_top_p_and_top_k_keep_the_tokens_numpy_keeps():
     np.testing.assert_array_equal(np.sort(np.flatnonzero(got[0])), np.sort(np.argsort(-z[0])[:5]))
 
 
+def test_tokens_are_sampled_from_the_tempered_filtered_distribution():
+    """Frequencies of proposals match NumPy's softmax(logits / T) renormalised over
+    the top-p nucleus or the top-k."""
+    logits = np.full(VOCAB, -10.0)
+    logits[:5] = [2.0, 1.5, 1.0, 0.5, 0.0]
+    p = np.exp(logits / 0.7) / np.exp(logits / 0.7).sum()
+    mass_before = np.cumsum(p) - p
+    nucleus = int(np.sum(mass_before <= 0.8))  # Dream: keep while the mass before is <= p
+    assert nucleus == 3
+    keys = jax.random.split(jax.random.key(7), 4000)
+    for cfg, kept in ((S.SampleConfig(temperature=0.7), 5),
+                      (S.SampleConfig(temperature=0.7, top_p=0.8), nucleus),
+                      (S.SampleConfig(temperature=0.7, top_k=2), 2)):
+        x0 = jax.vmap(lambda k: S.propose(jnp.asarray(logits)[None, None], k, cfg, MASK,
+                                          None)[0][0, 0])(keys)
+        freq = np.bincount(np.asarray(x0), minlength=VOCAB) / len(keys)
+        want = np.where(np.arange(VOCAB) < kept, p, 0)
+        np.testing.assert_allclose(freq, want / want.sum(), atol=0.03)
+
+
 def test_alg_temp_samples_positions_from_softmax_of_confidence():
     """k=1 of three eligible positions: frequencies match softmax(conf / alg_temp)."""
     conf = jnp.array([[0.9, 0.5, 0.1, 2.0]])
