@@ -55,7 +55,8 @@ NON_DECODING_KEYS = ("prompt",)
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
     max_new_tokens: int = 64    # mask tokens appended to the prompt (0: fill the prompt's masks)
-    steps: int = 64             # denoising steps in all, split evenly across blocks
+    steps: int = 0              # denoising steps in all, split evenly across blocks;
+    #                             0 = one per generated position (DiffuCoder: 256 in 256)
     # Which positions to unmask: origin (Dream: each w.p. 1 - s/t) | maskgit_plus (top-1
     # prob) | topk_margin (top-1 - top-2 prob) | entropy (negative entropy; DiffuCoder)
     # | low_confidence (LLaDA: untempered prob of the token) | random (LLaDA).
@@ -80,8 +81,8 @@ class SampleConfig:
         for key, allowed in (("alg", ALGS), ("schedule", SCHEDULES), ("parallel", PARALLEL)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"sample.{key}={getattr(self, key)!r}; allowed: {allowed}")
-        if self.steps < 1 or self.max_new_tokens < 0:
-            raise ValueError("sample.steps must be >= 1 and sample.max_new_tokens >= 0")
+        if self.steps < 0 or self.max_new_tokens < 0:
+            raise ValueError("sample.steps and sample.max_new_tokens must be >= 0")
         if self.alg == "origin" and (self.parallel != "none" or self.suppress_eos):
             raise ValueError("sample.alg='origin' reveals at random: it takes no "
                              "sample.parallel rule and no sample.suppress_eos")
@@ -111,7 +112,8 @@ class Decoded(NamedTuple):
 
 def history(out: Decoded, mask_id: int) -> Array:
     """[T, B, S] canvas after each step t (T = last step + 1), rebuilt from the
-    final tokens and the order: a position shows its token from its step on."""
+    final tokens and the order: a position shows its token from its step on (the
+    prompt, and pads never unmasked, throughout). Not jittable (T from the data)."""
     steps = jnp.arange(int(out.order.max()) + 1)[:, None, None]
     shown = (out.order[None] < 0) | (out.order[None] <= steps)
     return jnp.where(shown, out.tokens[None], mask_id)
@@ -267,14 +269,16 @@ def _row_done(tokens: Array, generated: Array, mask_id: int, eos_id: int | None)
 
 
 def _block_layout(generated: Array, block_length: int, steps: int):
-    """Per row: the first generated position and the steps per block [B] (`steps`
-    split evenly across the blocks spanning the generated positions, at least 1)."""
+    """Per row: the first generated position and the steps per block [B] (`steps`,
+    or 0 = the row's generated count, split evenly across the blocks spanning the
+    generated positions; at least 1)."""
     s = generated.shape[1]
     pos = jnp.arange(s)
     first = jnp.min(jnp.where(generated, pos, s), -1)
     last = jnp.max(jnp.where(generated, pos, -1), -1)
     blocks = jnp.maximum(1, -(-(last - first + 1) // block_length))
-    return first, jnp.maximum(1, steps // blocks)
+    total = steps if steps > 0 else generated.sum(-1)
+    return first, jnp.maximum(1, total // blocks)
 
 
 def _window_logits(params, apply_fn, st: _State, valid, start, width, refresh):
