@@ -1,0 +1,358 @@
+"""Hugging Face safetensors <-> dllm params: Qwen2 causal LMs (Qwen2.5-Coder), Dream and
+DiffuCoder (same tensors, bidirectional attention, shifted logits).
+
+    model, params = load_hf("DiffuCoder-7B-Instruct")            # bidirectional, shifted
+    logits = model.apply({"params": params}, tokens)              # [B, S, V]
+
+    python -m dllm.convert import --hf_dir=HF_DIR --out=WORKDIR    # HF dir -> dllm run workdir
+    python -m dllm.convert export --ckpt=WORKDIR --out=HF_DIR      # dllm run -> HF dir
+
+Import reads one tensor at a time (a file is opened per tensor, so the memory map of a
+whole 5 GB shard never stays resident), casts it on the host and writes it straight into
+its sharded device array; stacked layer arrays are filled in place (donated buffers).
+Peak host memory is the output arrays plus a few tensors.
+
+Tensor layout (HF torch Linear weights are [out, in]; flax kernels are [in..., out...],
+layers stacked on a leading axis):
+    model.embed_tokens.weight [V, E]               embed/embedding [V, E]
+    model.layers.i.self_attn.q_proj.weight [N*D, E] layers/attn/q/kernel [L, E, N, D]
+    model.layers.i.self_attn.q_proj.bias [N*D]      layers/attn/q/bias [L, N, D]   (k, v alike)
+    model.layers.i.self_attn.o_proj.weight [E, N*D] layers/attn/o/kernel [L, N, D, E]
+    model.layers.i.mlp.{gate,up}_proj.weight [M, E] layers/mlp/{gate,up}/kernel [L, E, M]
+    model.layers.i.mlp.down_proj.weight [E, M]      layers/mlp/down/kernel [L, M, E]
+    model.layers.i.{input,post_attention}_layernorm.weight [E]
+                                                    layers/{attn,mlp}_norm/scale [L, E]
+    model.norm.weight [E]                           final_norm/scale [E]
+    lm_head.weight [V, E]                           lm_head/kernel [E, V]  (absent if tied)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from dllm import model as model_lib
+
+# ----------------------------------------------------------------------------- configs
+
+# Architecture name (config.json "architectures"[0]) -> attention of that family.
+ARCHITECTURES = {"Qwen2ForCausalLM": "causal", "DreamModel": "bidirectional"}
+_DREAM_AUTO_MAP = {"AutoConfig": "configuration_dream.DreamConfig",
+                   "AutoModel": "modeling_dream.DreamModel"}
+
+
+def read_hf_config(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def hf_architecture(hf_config: dict) -> str:
+    archs = hf_config.get("architectures") or []
+    if len(archs) != 1 or archs[0] not in ARCHITECTURES:
+        raise ValueError(f"config.json architectures={archs}; supported: {sorted(ARCHITECTURES)}")
+    return archs[0]
+
+
+def _rope_theta(hf_config: dict) -> float:
+    """rope_theta, top-level (released checkpoints) or in rope_parameters (transformers 5)."""
+    rope = hf_config.get("rope_parameters") or {}
+    for key in ("rope_scaling", "rope_parameters"):
+        scaling = hf_config.get(key) or {}
+        if scaling.get("rope_type", scaling.get("type", "default")) != "default":
+            raise ValueError(f"config.json {key}={scaling}: only default RoPE is supported")
+    return float(hf_config.get("rope_theta", rope.get("rope_theta", 10000.0)))
+
+
+def model_config_from_hf(hf_config: dict, *, dtype: str | None = None,
+                         causal: bool | None = None) -> dict:
+    """dllm ModelConfig fields (a dict) from a Hugging Face config.json dict.
+
+    dtype: parameter and compute dtype, float32 | bfloat16 (default: bfloat16 for a
+    bf16 / fp16 checkpoint, else float32). causal: default attention; None = the
+    architecture's (Qwen2ForCausalLM causal, DreamModel bidirectional). Logits are
+    always shifted (Dream convention; for a Qwen2 LM position i-1's output predicts i).
+    """
+    arch = hf_architecture(hf_config)
+    for key, want in (("hidden_act", "silu"), ("use_sliding_window", False)):
+        if hf_config.get(key, want) != want:
+            raise ValueError(f"config.json {key}={hf_config[key]!r}; only {want!r} is supported")
+    if any(t != "full_attention" for t in hf_config.get("layer_types") or []):
+        raise ValueError(f"config.json layer_types={hf_config['layer_types']}: only "
+                         "full_attention is supported")
+    if dtype is None:
+        stored = hf_config.get("torch_dtype", hf_config.get("dtype", "float32"))
+        dtype = "bfloat16" if stored in ("bfloat16", "float16") else "float32"
+    heads = hf_config["num_attention_heads"]
+    fields = dict(
+        vocab_size=hf_config["vocab_size"], hidden=hf_config["hidden_size"],
+        layers=hf_config["num_hidden_layers"], heads=heads,
+        kv_heads=hf_config.get("num_key_value_heads", heads),
+        head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
+        mlp=hf_config["intermediate_size"], rope_theta=_rope_theta(hf_config),
+        rms_eps=hf_config.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)), qkv_bias=True,
+        shift_logits=True,
+        causal=ARCHITECTURES[arch] == "causal" if causal is None else causal,
+        dtype=dtype, param_dtype=dtype)
+    return dataclasses.asdict(model_lib.config_from_dict(fields))
+
+
+def hf_config_from_model(cfg: model_lib.ModelConfig, architecture: str,
+                         base: dict | None = None) -> dict:
+    """A config.json dict for `cfg` as `architecture`; other keys of `base` (token ids,
+    max_position_embeddings, ...) are kept."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture {architecture!r}; supported: {sorted(ARCHITECTURES)}")
+    if architecture == "DreamModel" and cfg.head_dim * cfg.heads != cfg.hidden:
+        raise ValueError(f"DreamModel needs head_dim*heads == hidden; got {cfg.head_dim}*"
+                         f"{cfg.heads} != {cfg.hidden}")
+    out = {k: v for k, v in (base or {}).items()
+           if k not in ("rope_parameters", "layer_types", "dtype", "auto_map")}
+    out.update(
+        architectures=[architecture], hidden_act="silu", hidden_size=cfg.hidden,
+        intermediate_size=cfg.mlp, num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_eps, rope_theta=cfg.rope_theta,
+        rope_scaling=None, tie_word_embeddings=cfg.tie_embeddings, vocab_size=cfg.vocab_size,
+        torch_dtype=cfg.param_dtype, use_sliding_window=False, sliding_window=None,
+        attention_dropout=0.0)
+    if architecture == "DreamModel":
+        out.update(model_type="Dream", auto_map=_DREAM_AUTO_MAP)
+    else:
+        out.update(model_type="qwen2")
+    return out
+
+
+# ----------------------------------------------------------------------------- tensor table
+
+# Per layer: HF name suffix, dllm path under "layers", layout. Layout: int n = a torch
+# Linear weight [out, in] whose flax kernel has n input axes (transpose + reshape);
+# "flat" = a bias flattened by HF; "same" = identical shape.
+_LAYER_TENSORS = (
+    ("self_attn.q_proj.weight", ("attn", "q", "kernel"), 1),
+    ("self_attn.q_proj.bias", ("attn", "q", "bias"), "flat"),
+    ("self_attn.k_proj.weight", ("attn", "k", "kernel"), 1),
+    ("self_attn.k_proj.bias", ("attn", "k", "bias"), "flat"),
+    ("self_attn.v_proj.weight", ("attn", "v", "kernel"), 1),
+    ("self_attn.v_proj.bias", ("attn", "v", "bias"), "flat"),
+    ("self_attn.o_proj.weight", ("attn", "o", "kernel"), 2),
+    ("mlp.gate_proj.weight", ("mlp", "gate", "kernel"), 1),
+    ("mlp.up_proj.weight", ("mlp", "up", "kernel"), 1),
+    ("mlp.down_proj.weight", ("mlp", "down", "kernel"), 1),
+    ("input_layernorm.weight", ("attn_norm", "scale"), "same"),
+    ("post_attention_layernorm.weight", ("mlp_norm", "scale"), "same"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """Where one HF tensor lives in the dllm params."""
+    path: tuple[str, ...]     # dllm param path, e.g. ("layers", "attn", "q", "kernel")
+    layer: int | None         # index on the stacked layer axis; None if not stacked
+    shape: tuple[int, ...]    # dllm shape of this tensor (one layer's slice if stacked)
+    layout: int | str         # see _LAYER_TENSORS
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        if self.layout == "same":
+            return self.shape
+        if self.layout == "flat":
+            return (math.prod(self.shape),)
+        n = self.layout
+        return (math.prod(self.shape[n:]), math.prod(self.shape[:n]))
+
+    def to_dllm(self, x: np.ndarray) -> np.ndarray:
+        """HF tensor (hf_shape) -> dllm layout (shape)."""
+        return (x.T if isinstance(self.layout, int) else x).reshape(self.shape)
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        """dllm tensor (shape) -> HF layout (hf_shape), contiguous."""
+        if isinstance(self.layout, int):
+            out, inp = self.hf_shape
+            return np.ascontiguousarray(x.reshape(inp, out).T)
+        return np.ascontiguousarray(x.reshape(self.hf_shape))
+
+
+def abstract_params(cfg: model_lib.ModelConfig):
+    """The boxed (nn.LogicallyPartitioned) tree of ShapeDtypeStructs of the params."""
+    init = functools.partial(model_lib.Transformer(cfg).init, jax.random.key(0),
+                             jnp.zeros((1, 1), jnp.int32))
+    return jax.eval_shape(init)["params"]
+
+
+def tensor_table(cfg: model_lib.ModelConfig) -> dict[str, Slot]:
+    """HF tensor name -> Slot, in HF's order (embedding, layer by layer, norm, head)."""
+    shapes = {tuple(k.key for k in path): leaf.shape for path, leaf in
+              jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_params(cfg)))[0]}
+    table = {"model.embed_tokens.weight": Slot(("embed", "embedding"), None,
+                                               shapes[("embed", "embedding")], "same")}
+    for i in range(cfg.layers):
+        for suffix, sub, layout in _LAYER_TENSORS:
+            path = ("layers", *sub)
+            table[f"model.layers.{i}.{suffix}"] = Slot(path, i, shapes[path][1:], layout)
+    table["model.norm.weight"] = Slot(("final_norm", "scale"), None,
+                                      shapes[("final_norm", "scale")], "same")
+    if not cfg.tie_embeddings:
+        table["lm_head.weight"] = Slot(("lm_head", "kernel"), None,
+                                       shapes[("lm_head", "kernel")], 1)
+    return table
+
+
+def _flat(tree) -> dict[tuple[str, ...], object]:
+    return {tuple(k.key for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _unflat(flat: dict[tuple[str, ...], object]) -> dict:
+    tree: dict = {}
+    for path, leaf in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = leaf
+    return tree
+
+
+# ----------------------------------------------------------------------------- reading
+
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+
+
+def scan_safetensors(hf_dir: str) -> dict[str, tuple[str, tuple[int, ...], str]]:
+    """Tensor name -> (file, shape, safetensors dtype) from the file headers (no data read).
+    Uses the index json's shards if there is one, else model.safetensors."""
+    index_path = os.path.join(hf_dir, _INDEX)
+    weight_map = None
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif os.path.isfile(os.path.join(hf_dir, _SINGLE)):
+        files = [_SINGLE]
+    else:
+        raise FileNotFoundError(f"{hf_dir}: neither {_SINGLE} nor {_INDEX}")
+    found: dict[str, tuple[str, tuple[int, ...], str]] = {}
+    for name in files:
+        path = os.path.join(hf_dir, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{index_path} lists {name}, which does not exist")
+        with safe_open(path, framework="numpy") as f:
+            for key in f.keys():
+                if key in found:
+                    raise ValueError(f"tensor {key!r} is in both {found[key][0]} and {path}")
+                info = f.get_slice(key)
+                found[key] = (path, tuple(info.get_shape()), info.get_dtype())
+    for key, name in (weight_map or {}).items():
+        if found.get(key, ("",))[0] != os.path.join(hf_dir, name):
+            raise ValueError(f"{index_path} puts tensor {key!r} in {name}, which lacks it")
+    return found
+
+
+def _check_tensors(found: dict, table: dict[str, Slot], hf_dir: str):
+    """Every expected tensor present with its shape, nothing else; else one error naming
+    each offending tensor."""
+    problems = [f"missing tensor {n!r} (shape {table[n].hf_shape})"
+                for n in table if n not in found]
+    problems += [f"unexpected tensor {n!r} in {found[n][0]}" for n in found if n not in table]
+    for n in (n for n in table if n in found):
+        path, shape, dtype = found[n]
+        if shape != table[n].hf_shape:
+            problems.append(f"tensor {n!r} in {path} has shape {shape}; the config "
+                            f"expects {table[n].hf_shape}")
+        if dtype not in ("F32", "BF16", "F16"):
+            problems.append(f"tensor {n!r} in {path} has dtype {dtype}; expected a float")
+    if problems:
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ValueError(f"{hf_dir}: the weights do not match config.json:\n  "
+                         + "\n  ".join(problems[:20]) + more)
+
+
+def _read(path: str, name: str, slot: Slot, dtype) -> np.ndarray:
+    """One tensor in dllm layout and `dtype`, copied out of its file. The file is opened
+    per tensor because the pages of a memory map stay resident until it is closed."""
+    with safe_open(path, framework="numpy") as f:
+        return slot.to_dllm(f.get_tensor(name)).astype(dtype)
+
+
+def _put(x: np.ndarray, sharding) -> jax.Array:
+    """A host array as a (possibly multi-host) global array; each device gets its slice."""
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def _layer_sharding(sharding):
+    """Sharding of one layer's slice of a stacked parameter."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh,
+                                          jax.sharding.PartitionSpec(*sharding.spec[1:]))
+    return sharding
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked: jax.Array, value: jax.Array, index: jax.Array) -> jax.Array:
+    # Donated: the stacked array is updated in place, not copied per layer.
+    return jax.lax.dynamic_update_index_in_dim(stacked, value, index, 0)
+
+
+def _zeros(shape, dtype, sharding) -> jax.Array:
+    return jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=sharding)()
+
+
+def param_shardings(cfg: model_lib.ModelConfig, mesh, rules):
+    """NamedShardings of the params on `mesh` from their logical axis names."""
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_params(cfg)), mesh, rules)
+
+
+def load_hf_params(hf_dir: str, cfg: model_lib.ModelConfig, shardings=None, dtype=None):
+    """The params of `cfg` from the safetensors in `hf_dir`.
+
+    Reads tensor by tensor, casts each to `dtype` (default cfg.param_dtype) on the host and
+    places it into `shardings` (a tree like the params, of jax.sharding.Sharding; default:
+    all on the first device). Raises ValueError naming every missing, unexpected or
+    mis-shaped tensor before reading any data.
+    """
+    table = tensor_table(cfg)
+    found = scan_safetensors(hf_dir)
+    _check_tensors(found, table, hf_dir)
+    dtype = jnp.dtype(dtype or cfg.param_dtype)
+    shapes = _flat(nn.unbox(abstract_params(cfg)))
+    if shardings is None:
+        flat_sh = dict.fromkeys(shapes, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    else:
+        flat_sh = _flat(shardings)
+    out = {path: _zeros(shapes[path].shape, dtype, flat_sh[path])
+           for path in shapes if path[0] == "layers"}
+    for name in sorted(table, key=lambda n: found[n][0]):  # file by file, HF order within
+        slot = table[name]
+        x = _read(found[name][0], name, slot, dtype)
+        if slot.layer is None:
+            out[slot.path] = _put(x, flat_sh[slot.path])
+        else:
+            value = _put(x, _layer_sharding(flat_sh[slot.path]))
+            out[slot.path] = _set_layer(out[slot.path], value, jnp.int32(slot.layer))
+    return _unflat(out)
+
+
+def load_hf(hf_dir: str, *, dtype: str | None = None, causal: bool | None = None,
+            mesh=None, rules=None):
+    """(Transformer, params) of a Hugging Face Qwen2 / Dream / DiffuCoder directory.
+
+    The model attends causally for a Qwen2ForCausalLM and bidirectionally for a DreamModel
+    unless `causal` says otherwise (per call: `lookahead`); logits are shifted. With a
+    `mesh` (and logical `rules`), params are sharded on it; else on the first device.
+    """
+    cfg = model_lib.config_from_dict(
+        model_config_from_hf(read_hf_config(hf_dir), dtype=dtype, causal=causal))
+    shardings = None if mesh is None else param_shardings(cfg, mesh, rules)
+    return model_lib.Transformer(cfg), load_hf_params(hf_dir, cfg, shardings)
