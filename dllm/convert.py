@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from dllm import model as model_lib
 
@@ -356,3 +357,49 @@ def load_hf(hf_dir: str, *, dtype: str | None = None, causal: bool | None = None
         model_config_from_hf(read_hf_config(hf_dir), dtype=dtype, causal=causal))
     shardings = None if mesh is None else param_shardings(cfg, mesh, rules)
     return model_lib.Transformer(cfg), load_hf_params(hf_dir, cfg, shardings)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _hf_tensor(flat_params: dict, slot: Slot, dtype) -> np.ndarray:
+    """One tensor on the host in HF layout (gathers only this layer's slice)."""
+    x = flat_params[slot.path]
+    if slot.layer is not None:
+        x = x[slot.layer]
+    return slot.to_hf(np.asarray(jax.device_get(x))).astype(dtype, copy=False)
+
+
+def save_hf_weights(params, cfg: model_lib.ModelConfig, out_dir: str, *,
+                    max_shard_bytes: int = 5 * 2**30, dtype=None) -> list[str]:
+    """Writes the params as HF safetensors: model.safetensors, or shards of at most
+    `max_shard_bytes` (a tensor never split) plus model.safetensors.index.json. One
+    shard's tensors are on the host at a time. Single-process. Returns the file names."""
+    table = tensor_table(cfg)
+    flat = _flat(params)
+    dtype = jnp.dtype(dtype or cfg.param_dtype)
+    shards, size = [[]], 0
+    for name, slot in table.items():
+        nbytes = math.prod(slot.hf_shape) * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards, size = shards + [[]], 0
+        shards[-1].append(name)
+        size += nbytes
+    n = len(shards)
+    files = [_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                                      for i in range(n)]
+    os.makedirs(out_dir, exist_ok=True)
+    for stale in (_SINGLE, _INDEX, *(f for f in os.listdir(out_dir)
+                                    if f.startswith("model-") and f.endswith(".safetensors"))):
+        if os.path.exists(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))
+    for fname, names in zip(files, shards):
+        tensors = {name: _hf_tensor(flat, table[name], dtype) for name in names}
+        save_file(tensors, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        del tensors
+    if n > 1:
+        total = sum(math.prod(s.hf_shape) for s in table.values()) * dtype.itemsize
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {name: f for f, names in zip(files, shards) for name in names}}
+        with open(os.path.join(out_dir, _INDEX), "w") as f:
+            json.dump(index, f, indent=2)
+    return files
