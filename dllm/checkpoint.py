@@ -1,0 +1,78 @@
+"""Checkpoints: an orbax CheckpointManager holding the train state (params,
+optimizer state, step, rng) and the data iterator's state, saved together under
+DIR/checkpoints/<step>/. Saves are asynchronous; orbax commits a step atomically,
+so a run killed mid-save resumes from the previous complete step.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Save every `every` steps, keep the newest `keep`."""
+
+    def __init__(self, directory: str, every: int, keep: int):
+        self.every = every
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(directory),
+            options=ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
+                                                 create=True),
+            item_names=("state", "data"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, abstract_state, step: int | None = None):
+        """(state, data_state) of `step` (default: latest), each array placed with the
+        sharding of `abstract_state`'s leaf (jax.ShapeDtypeStruct with .sharding),
+        which may differ from the mesh it was saved from. Shape mismatches raise
+        naming the parameter."""
+        step = self.latest_step() if step is None else step
+        _check_shapes(self.manager, step, abstract_state)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        return restored["state"], restored["data"]
+
+    def restore_params(self, abstract_params, step: int | None = None):
+        """Only the params of `step` (default: latest), placed like `abstract_params`:
+        for starting a new run (fresh optimizer) from another run's weights."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
+        _check_shapes(self.manager, step, {"params": abstract_params})
+        item = {"params": abstract_params}
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True)))
+        return restored["state"]["params"]
+
+    def save(self, step: int, state, data_state: dict | None, force: bool = False) -> bool:
+        """Save if `step` is on the interval (or `force`); returns whether it saved."""
+        return self.manager.save(step, force=force, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})))
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _check_shapes(manager, step: int, abstract_state):
+    """Compare the saved array shapes with the expected ones before restoring, so a
+    config that does not match the checkpoint fails with the parameter's path."""
+    saved = manager.item_metadata(step)["state"]
+    if saved is None:
+        return
+    saved_flat = {jax.tree_util.keystr(p, simple=True, separator="/"): v
+                  for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    for path, want in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
+        have = saved_flat.get(jax.tree_util.keystr(path, simple=True, separator="/"))
+        shape = getattr(have, "shape", None)
+        if shape is not None and tuple(shape) != tuple(want.shape):
+            raise ValueError(f"checkpoint step {step}: parameter "
+                             f"{jax.tree_util.keystr(path, simple=True, separator='/')} "
+                             f"has shape {tuple(shape)} in the checkpoint but {tuple(want.shape)} "
+                             "in the config")

@@ -1,0 +1,39 @@
+"""The keys every stage config has, with their defaults. `experiments/<stage>.py`
+starts from `base_config()` and sets what its stage and variant need.
+
+Keys (scripts and docs rely on these names):
+  seed                  int
+  model.*               dllm.model.ModelConfig fields (see `model.preset`), plus `preset`
+  data.*                dllm.data fields: source, path, seq_len, ... (see dllm/data.py)
+  loss.*                dllm.elbo.ElboConfig fields: schedule, train_on_pad, anneal_steps, ...
+  train.steps, batch_size (global), lr (peak), warmup_steps, min_lr_ratio (cosine floor
+        as a fraction of lr), weight_decay, b1, b2, grad_clip, log_every, eval_every
+        (0 = never), eval_batches, eval_samples (MC samples of the held-out NELBO)
+  checkpoint.every, keep
+  mesh.data, fsdp, tensor    device-mesh sizes; one may be -1 (all remaining devices)
+  sample.*              decoding settings for every place the stage generates, and
+                        `prompt`, the code prompt completed at the end of training
+  init.checkpoint       a run directory whose latest params start this run ("" = none)
+"""
+import dataclasses
+
+import ml_collections
+
+from dllm import data, elbo, model
+
+
+def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = model.preset(preset)
+    c.model.preset = preset
+    c.data = data.default_config()
+    c.loss = dataclasses.asdict(elbo.ElboConfig())
+    c.train = dict(steps=1000, batch_size=16, lr=1e-3, warmup_steps=100, min_lr_ratio=0.1,
+                   weight_decay=0.01, b1=0.9, b2=0.999, grad_clip=1.0, log_every=50,
+                   eval_every=0, eval_batches=4, eval_samples=4)
+    c.checkpoint = dict(every=500, keep=2)
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.sample = dict(prompt="def fibonacci(n):\n", max_new_tokens=48, temperature=0.0)
+    c.init = dict(checkpoint="")
+    return c

@@ -1,0 +1,24 @@
+"""Train a stage: python -m dllm.main --config=experiments/<stage>.py:<variant> --workdir=DIR
+
+Config keys can be overridden: --config.train.lr=1e-4. Rerunning the same command in
+the same workdir resumes from its latest checkpoint.
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+from dllm import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file and variant.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

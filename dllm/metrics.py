@@ -1,0 +1,69 @@
+"""Run metrics: one JSON line per logged step, TensorBoard events, and the
+matmul ceiling that MFU is measured against."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class MetricsWriter:
+    """Appends `{"step": ..., **metrics}` to DIR/metrics.jsonl and writes the same
+    scalars as TensorBoard events (tensorboardX, no TensorFlow). Only process 0
+    writes; other processes get a no-op writer."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        self._jsonl = self._tb = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict):
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        for k, v in metrics.items():
+            self._tb.add_scalar(k, float(v), int(step))
+
+    def close(self):
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def matmul_ceiling(dtype="float32", n: int = 2048, reps: int = 5) -> float:
+    """Measured FLOP/s of a large jitted square matmul on the default device, in
+    `dtype` (the best of `reps` runs): the ceiling MFU is quoted against."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """The rows of DIR/metrics.jsonl (for tests, plots and notebooks)."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def to_host(tree) -> dict:
+    """Device scalars -> Python floats (one transfer)."""
+    return {k: float(v) for k, v in jax.device_get(tree).items()}
+
+
+def is_finite(metrics: dict) -> bool:
+    return all(np.isfinite(v) for v in metrics.values())

@@ -1,0 +1,33 @@
+"""Stage 2: mid-training (annealing on higher-quality code; same unconditional ELBO).
+
+Starts from a Stage-1 run (`--config.init.checkpoint=RUN_DIR`, whose tokenizer is
+reused unless data.tokenizer is set).
+
+  tiny  continues `experiments/pretrain.py:tiny` at a lower LR on a smaller, curated
+        slice of the standard library (the json, email, asyncio and collections
+        packages).
+  7b    the paper's recipe: 16B tokens of annealing code data x 4 epochs, LR 1e-5,
+        2k warmup, cosine to 10% (~98k steps at 160 x 4096 tokens).
+"""
+from dllm.config import base_config
+
+
+def get_config(arg: str = "tiny"):
+    if arg == "tiny":
+        c = base_config("tiny")
+        c.data.update(source="text", path="", seq_len=128, vocab_size=2048)
+        c.train.update(steps=300, batch_size=32, lr=1e-3, warmup_steps=30, log_every=50,
+                       eval_every=300)
+        c.checkpoint.update(every=100, keep=2)
+        c.init.checkpoint = "runs/pretrain"
+        return c
+    if arg == "7b":
+        c = base_config("7b")
+        c.model.update(dtype="bfloat16", remat="full")
+        c.data.update(source="jsonl", path="", seq_len=4096, eval_fraction=0.001)
+        c.train.update(steps=98_000, batch_size=160, lr=1e-5, warmup_steps=2_000,
+                       min_lr_ratio=0.1, weight_decay=0.0, log_every=10, eval_every=5000)
+        c.checkpoint.update(every=1000, keep=3)
+        c.mesh.update(data=1, fsdp=-1, tensor=1)
+        return c
+    raise ValueError(f"unknown variant {arg!r} of experiments/midtrain.py; allowed: tiny, 7b")
