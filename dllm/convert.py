@@ -32,15 +32,22 @@ import functools
 import json
 import math
 import os
+import shutil
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from absl import app, flags
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from dllm import checkpoint as checkpoint_lib
+from dllm import config as config_lib
 from dllm import model as model_lib
+from dllm import sharding as sharding_lib
+from dllm import tokenizer as tokenizer_lib
 
 # ----------------------------------------------------------------------------- configs
 
@@ -310,9 +317,9 @@ def _zeros(shape, dtype, sharding) -> jax.Array:
     return jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=sharding)()
 
 
-def param_shardings(cfg: model_lib.ModelConfig, mesh, rules):
+def param_shardings(cfg: model_lib.ModelConfig, mesh, rules=sharding_lib.DEFAULT_RULES):
     """NamedShardings of the params on `mesh` from their logical axis names."""
-    return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_params(cfg)), mesh, rules)
+    return sharding_lib.logical_shardings(abstract_params(cfg), mesh, rules)
 
 
 def load_hf_params(hf_dir: str, cfg: model_lib.ModelConfig, shardings=None, dtype=None):
@@ -346,7 +353,7 @@ def load_hf_params(hf_dir: str, cfg: model_lib.ModelConfig, shardings=None, dtyp
 
 
 def load_hf(hf_dir: str, *, dtype: str | None = None, causal: bool | None = None,
-            mesh=None, rules=None):
+            mesh=None, rules=sharding_lib.DEFAULT_RULES):
     """(Transformer, params) of a Hugging Face Qwen2 / Dream / DiffuCoder directory.
 
     The model attends causally for a Qwen2ForCausalLM and bidirectionally for a DreamModel
@@ -403,3 +410,156 @@ def save_hf_weights(params, cfg: model_lib.ModelConfig, out_dir: str, *,
         with open(os.path.join(out_dir, _INDEX), "w") as f:
             json.dump(index, f, indent=2)
     return files
+
+
+# ----------------------------------------------------------------------------- run workdirs
+
+# Non-weight files of an HF model dir worth keeping: tokenizer files, chat template,
+# generation config, Dream's custom code (transformers needs it to load a DreamModel).
+_SIDE_SUFFIXES = (".json", ".txt", ".jinja", ".py")
+_NOT_SIDE = (_INDEX, "tokenizer.json")
+
+
+def _copy_side_files(src: str, dst: str, skip=()):
+    os.makedirs(dst, exist_ok=True)
+    for name in sorted(os.listdir(src)):
+        if (name.endswith(_SIDE_SUFFIXES) and name not in _NOT_SIDE and name not in skip
+                and os.path.isfile(os.path.join(src, name))):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+
+
+def _run_config(fields: dict, hf_dir: str, architecture: str):
+    """A run's config.json contents: the stage defaults with this model."""
+    c = config_lib.base_config("tiny")
+    matches = [name for name in model_lib.PRESETS if model_lib.preset(name) == fields]
+    c.model = ml_collections.ConfigDict({**fields, "preset": matches[0] if matches else ""})
+    c.hf = dict(source=os.path.abspath(hf_dir), architecture=architecture)
+    return c
+
+
+def import_hf(hf_dir: str, workdir: str, *, dtype: str | None = None,
+              causal: bool | None = None) -> str:
+    """Writes a dllm run directory from a Hugging Face model directory; returns it.
+
+    workdir/config.json       the stage defaults with this model (`model.*`) and `hf.*`
+    workdir/tokenizer.json    the HF tokenizer, missing special tokens appended
+    workdir/hf/               the source's config.json and tokenizer / template / code files
+    workdir/checkpoints/0/    {"step": 0, "params": ...} (no optimizer state: a run starts
+                              from it with --config.init.checkpoint=workdir)
+    Params are placed fsdp-sharded over all devices while they are read.
+    """
+    hf_config = read_hf_config(hf_dir)
+    fields = model_config_from_hf(hf_config, dtype=dtype, causal=causal)
+    cfg = model_lib.config_from_dict(fields)
+    tok = tokenizer_lib.HFTokenizer(hf_dir)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{hf_dir}: the tokenizer has {tok.vocab_size} ids (with "
+                         f"{tok.added} appended) but vocab_size is {cfg.vocab_size}")
+    if hf_config.get("mask_token_id", tok.mask_id) != tok.mask_id:
+        raise ValueError(f"{hf_dir}: config.json mask_token_id={hf_config['mask_token_id']} "
+                         f"but the tokenizer's {tokenizer_lib.MASK} is {tok.mask_id}")
+    mesh = sharding_lib.make_mesh(dict(data=1, fsdp=-1, tensor=1))
+    params = load_hf_params(hf_dir, cfg, param_shardings(cfg, mesh))
+    if jax.process_index() == 0:
+        _copy_side_files(hf_dir, os.path.join(workdir, "hf"))
+        tok.save(os.path.join(workdir, "tokenizer.json"))
+        config = _run_config(fields, hf_dir, hf_architecture(hf_config))
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=2)
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 1, None)
+    ckpt.save(0, {"step": jnp.int32(0), "params": params}, {}, force=True)
+    ckpt.close()
+    return workdir
+
+
+def _run_tokenizer(workdir: str) -> str:
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if os.path.exists(os.path.join(workdir, name)):
+            return os.path.join(workdir, name)
+    raise FileNotFoundError(f"run directory {workdir!r} has no tokenizer.json / tokenizer.model")
+
+
+def restore_params(workdir: str, step: int | None = None, mesh=None):
+    """(ModelConfig, params) of a run directory's checkpoint `step` (default: latest),
+    params sharded on `mesh` (default: fsdp over all devices)."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        cfg = model_lib.config_from_dict(json.load(f)["model"])
+    mesh = mesh or sharding_lib.make_mesh(dict(data=1, fsdp=-1, tensor=1))
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            nn.unbox(abstract_params(cfg)), param_shardings(cfg, mesh))
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 1, None)
+    params = ckpt.restore_params(abstract, step)
+    ckpt.close()
+    return cfg, params
+
+
+def export_hf(workdir: str, out_dir: str, *, step: int | None = None,
+              architecture: str | None = None, dtype: str | None = None,
+              hf_base: str | None = None, max_shard_bytes: int = 5 * 2**30) -> list[str]:
+    """Writes a run's params (`step`, default latest) as a Hugging Face directory that
+    transformers loads: config.json, safetensors (+ index), tokenizer.json and the side
+    files of `hf_base` (default: workdir/hf, written by import_hf). `architecture`
+    defaults to the base's, else DreamModel for a bidirectional model and
+    Qwen2ForCausalLM for a causal one. Returns the weight file names."""
+    cfg, params = restore_params(workdir, step)
+    tok = tokenizer_lib.load_tokenizer(_run_tokenizer(workdir))
+    if hf_base is None and os.path.isdir(os.path.join(workdir, "hf")):
+        hf_base = os.path.join(workdir, "hf")
+    base = read_hf_config(hf_base) if hf_base else None
+    architecture = architecture or (hf_architecture(base) if base else
+                                    "Qwen2ForCausalLM" if cfg.causal else "DreamModel")
+    hf_config = hf_config_from_model(cfg, architecture, base)
+    hf_config["torch_dtype"] = dtype or cfg.param_dtype
+    if architecture == "DreamModel":
+        hf_config["mask_token_id"] = tok.mask_id
+    os.makedirs(out_dir, exist_ok=True)
+    if hf_base:
+        _copy_side_files(hf_base, out_dir, skip=("config.json",))
+    if isinstance(tok, tokenizer_lib.HFTokenizer):
+        tok.save(os.path.join(out_dir, "tokenizer.json"))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    return save_hf_weights(params, cfg, out_dir, max_shard_bytes=max_shard_bytes, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _define_flags():
+    flags.DEFINE_string("hf_dir", None, "import: Hugging Face model directory.")
+    flags.DEFINE_string("ckpt", None, "export: dllm run directory (as written by import or "
+                        "training).")
+    flags.DEFINE_string("out", None, "import: run directory to write; export: HF directory.")
+    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Parameter dtype (default: "
+                      "the checkpoint's; bf16 / fp16 checkpoints import as bfloat16).")
+    flags.DEFINE_enum("attention", "auto", ["auto", "causal", "bidirectional"],
+                      "import: default attention (auto: causal for Qwen2ForCausalLM, "
+                      "bidirectional for DreamModel).")
+    flags.DEFINE_integer("step", None, "export: checkpoint step (default: latest).")
+    flags.DEFINE_enum("arch", None, sorted(ARCHITECTURES), "export: architecture in "
+                      "config.json (default: the imported one, else by attention).")
+    flags.DEFINE_string("hf_base", None, "export: HF directory whose config keys and side "
+                        "files to carry over (default: CKPT/hf).")
+    flags.DEFINE_float("max_shard_gb", 5.0, "export: maximum safetensors shard size (GiB).")
+
+
+def _main(argv):
+    f = flags.FLAGS
+    if len(argv) != 2 or argv[1] not in ("import", "export"):
+        raise app.UsageError("usage: python -m dllm.convert import --hf_dir=DIR --out=RUN_DIR"
+                             " | export --ckpt=RUN_DIR --out=HF_DIR")
+    if argv[1] == "import":
+        if not (f.hf_dir and f.out):
+            raise app.UsageError("import needs --hf_dir and --out")
+        causal = {"auto": None, "causal": True, "bidirectional": False}[f.attention]
+        print(f"imported {f.hf_dir} -> {import_hf(f.hf_dir, f.out, dtype=f.dtype, causal=causal)}")
+    else:
+        if not (f.ckpt and f.out):
+            raise app.UsageError("export needs --ckpt and --out")
+        files = export_hf(f.ckpt, f.out, step=f.step, architecture=f.arch, dtype=f.dtype,
+                          hf_base=f.hf_base, max_shard_bytes=int(f.max_shard_gb * 2**30))
+        print(f"exported {f.ckpt} -> {f.out} ({len(files)} safetensors file(s))")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(_main)
