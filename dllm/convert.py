@@ -431,7 +431,8 @@ def _copy_side_files(src: str, dst: str, skip=()):
 def _run_config(fields: dict, hf_dir: str, architecture: str):
     """A run's config.json contents: the stage defaults with this model."""
     c = config_lib.base_config("tiny")
-    matches = [name for name in model_lib.PRESETS if model_lib.preset(name) == fields]
+    shape = lambda d: {k: v for k, v in d.items() if k not in ("dtype", "param_dtype", "remat")}
+    matches = [name for name in model_lib.PRESETS if shape(model_lib.preset(name)) == shape(fields)]
     c.model = ml_collections.ConfigDict({**fields, "preset": matches[0] if matches else ""})
     c.hf = dict(source=os.path.abspath(hf_dir), architecture=architecture)
     return c
