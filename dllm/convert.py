@@ -289,9 +289,10 @@ def _check_tensors(found: dict, table: dict[str, Slot], hf_dir: str):
 
 def _read(path: str, name: str, slot: Slot, dtype) -> np.ndarray:
     """One tensor in dllm layout and `dtype`, copied out of its file. The file is opened
-    per tensor because the pages of a memory map stay resident until it is closed."""
+    per tensor because the pages of a memory map stay resident until it is closed. Always
+    a copy (never a view of the map): on CPU a device array may alias the host buffer."""
     with safe_open(path, framework="numpy") as f:
-        return slot.to_dllm(f.get_tensor(name)).astype(dtype)
+        return slot.to_dllm(f.get_tensor(name)).astype(dtype, copy=True)
 
 
 def _put(x: np.ndarray, sharding) -> jax.Array:
@@ -494,18 +495,32 @@ def restore_params(workdir: str, step: int | None = None, mesh=None):
     return cfg, params
 
 
+def _hf_base(workdir: str) -> str | None:
+    """The HF directory a run descends from: its own hf/ (written by import_hf), else
+    config.init.hf_dir, else that of the run its config.init.checkpoint names."""
+    while workdir:
+        if os.path.isdir(os.path.join(workdir, "hf")):
+            return os.path.join(workdir, "hf")
+        with open(os.path.join(workdir, "config.json")) as f:
+            init = json.load(f).get("init", {})
+        if init.get("hf_dir"):
+            return init["hf_dir"]
+        workdir = init.get("checkpoint", "")
+    return None
+
+
 def export_hf(workdir: str, out_dir: str, *, step: int | None = None,
               architecture: str | None = None, dtype: str | None = None,
               hf_base: str | None = None, max_shard_bytes: int = 5 * 2**30) -> list[str]:
     """Writes a run's params (`step`, default latest) as a Hugging Face directory that
     transformers loads: config.json, safetensors (+ index), tokenizer.json and the side
-    files of `hf_base` (default: workdir/hf, written by import_hf). `architecture`
+    files of `hf_base` (default: the run's own hf/, else its config.init.hf_dir, else
+    those of the run its config.init.checkpoint names). `architecture`
     defaults to the base's, else DreamModel for a bidirectional model and
     Qwen2ForCausalLM for a causal one. Returns the weight file names."""
     cfg, params = restore_params(workdir, step)
     tok = tokenizer_lib.load_tokenizer(_run_tokenizer(workdir))
-    if hf_base is None and os.path.isdir(os.path.join(workdir, "hf")):
-        hf_base = os.path.join(workdir, "hf")
+    hf_base = hf_base or _hf_base(workdir)
     base = read_hf_config(hf_base) if hf_base else None
     architecture = architecture or (hf_architecture(base) if base else
                                     "Qwen2ForCausalLM" if cfg.causal else "DreamModel")
@@ -539,7 +554,8 @@ def _define_flags():
     flags.DEFINE_enum("arch", None, sorted(ARCHITECTURES), "export: architecture in "
                       "config.json (default: the imported one, else by attention).")
     flags.DEFINE_string("hf_base", None, "export: HF directory whose config keys and side "
-                        "files to carry over (default: CKPT/hf).")
+                        "files to carry over (default: CKPT/hf, else the HF source of the run CKPT was "
+                        "initialised from).")
     flags.DEFINE_float("max_shard_gb", 5.0, "export: maximum safetensors shard size (GiB).")
 
 

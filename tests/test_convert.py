@@ -226,6 +226,23 @@ def test_export_as_dream(hf, roundtrip, tmp_path):
     _assert_trees_equal(params, want)
 
 
+def test_export_of_a_run_started_from_an_import_finds_its_hf_files(roundtrip, tmp_path):
+    """A training run initialised with --config.init.checkpoint=IMPORTED has no hf/."""
+    run = tmp_path / "run"
+    shutil.copytree(os.path.join(roundtrip[0], "checkpoints"), run / "checkpoints")
+    shutil.copy(os.path.join(roundtrip[0], "tokenizer.json"), run)
+    with open(os.path.join(roundtrip[0], "config.json")) as f:
+        config = json.load(f)
+    config.pop("hf")
+    config["init"] = {"checkpoint": roundtrip[0]}
+    with open(run / "config.json", "w") as f:
+        json.dump(config, f)
+    convert.export_hf(str(run), str(tmp_path / "out"))
+    assert os.path.exists(tmp_path / "out" / "generation_config.json")
+    with open(tmp_path / "out" / "config.json") as f:
+        assert json.load(f)["max_position_embeddings"] == 64  # a key only the source had
+
+
 def test_cli_import_and_export(hf, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(convert.__file__))}
 
