@@ -20,7 +20,8 @@ class Checkpointer:
             os.path.abspath(directory),
             options=ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
                                                  create=True),
-            item_names=("state", "data"))
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                           "data": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -33,7 +34,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         _check_shapes(self.manager, step, abstract_state)
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+            state=_pytree_restore(abstract_state), data=ocp.args.JsonRestore()))
         return restored["state"], restored["data"]
 
     def restore_params(self, abstract_params, step: int | None = None):
@@ -43,21 +44,25 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
         _check_shapes(self.manager, step, {"params": abstract_params})
-        item = {"params": abstract_params}
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                partial_restore=True)))
+            state=_pytree_restore({"params": abstract_params}, partial=True)))
         return restored["state"]["params"]
 
     def save(self, step: int, state, data_state: dict | None, force: bool = False) -> bool:
         """Save if `step` is on the interval (or `force`); returns whether it saved."""
         return self.manager.save(step, force=force, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})))
+            state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state or {})))
 
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _pytree_restore(abstract, partial: bool = False):
+    """Restore args placing each array with its abstract leaf's sharding."""
+    return ocp.args.PyTreeRestore(
+        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=partial)
 
 
 def _check_shapes(manager, step: int, abstract_state):

@@ -3,7 +3,7 @@
 Config keys can be overridden: --config.train.lr=1e-4. Rerunning the same command in
 the same workdir resumes from its latest checkpoint.
 """
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dllm import train
@@ -17,6 +17,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax reports every save at INFO
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -139,13 +139,28 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
 
 # ----------------------------------------------------------------------------- layers
 
-def _dense(features, axes, cfg: ModelConfig, name, use_bias=False):
-    """Dense layer whose kernel (and bias) carry logical axis names."""
-    return nn.DenseGeneral(
-        features, use_bias=use_bias, name=name,
-        dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+class Projection(nn.Module):
+    """y = x . W (+ b): contracts the last len(in_shape) axes of x with W of shape
+    in_shape + out_shape, created at that shape so its logical `axes` apply as is."""
+    in_shape: tuple
+    out_shape: tuple
+    axes: tuple
+    cfg: ModelConfig
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        pd, n_in = jnp.dtype(self.cfg.param_dtype), len(self.in_shape)
+        kernel = self.param("kernel", nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), self.axes), self.in_shape + self.out_shape, pd)
+        dtype = jnp.dtype(self.cfg.dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(
+                nn.initializers.zeros, self.axes[n_in:]), self.out_shape, pd)
+            y = y + bias.astype(dtype)
+        return y
 
 
 class RMSNorm(nn.Module):
@@ -193,23 +208,21 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, mask):
         cfg = self.cfg
-        q = _dense((cfg.heads, cfg.head_dim), ("embed", "heads", "head_dim"), cfg, "q",
-                   cfg.qkv_bias)(x)
-        k = _dense((cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), cfg, "k",
-                   cfg.qkv_bias)(x)
-        v = _dense((cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), cfg, "v",
-                   cfg.qkv_bias)(x)
+        e = (cfg.hidden,)
+        q = Projection(e, (cfg.heads, cfg.head_dim), ("embed", "heads", "head_dim"), cfg,
+                       cfg.qkv_bias, name="q")(x)
+        k = Projection(e, (cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), cfg,
+                       cfg.qkv_bias, name="k")(x)
+        v = Projection(e, (cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), cfg,
+                       cfg.qkv_bias, name="v")(x)
         q = nn.with_logical_constraint(rope(q, positions, cfg.rope_theta),
                                        ("batch", "length", "act_heads", "head_dim"))
         k = rope(k, positions, cfg.rope_theta)
         # GQA: jax.nn.dot_product_attention repeats the K/V heads itself.
         out = jax.nn.dot_product_attention(q, k, v, mask=mask)           # [B, S, H, D]
         out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", "head_dim"))
-        return nn.DenseGeneral(
-            cfg.hidden, axis=(-2, -1), use_bias=False, name="o",
-            dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.normal(0.02), ("heads", "head_dim", "embed")))(out)
+        return Projection((cfg.heads, cfg.head_dim), (cfg.hidden,),
+                          ("heads", "head_dim", "embed"), cfg, name="o")(out)
 
 
 class MLP(nn.Module):
@@ -218,10 +231,11 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        gate = _dense(cfg.mlp, ("embed", "mlp"), cfg, "gate")(x)
-        up = _dense(cfg.mlp, ("embed", "mlp"), cfg, "up")(x)
+        e, m = (cfg.hidden,), (cfg.mlp,)
+        gate = Projection(e, m, ("embed", "mlp"), cfg, name="gate")(x)
+        up = Projection(e, m, ("embed", "mlp"), cfg, name="up")(x)
         h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return _dense(cfg.hidden, ("mlp", "embed"), cfg, "down")(h)
+        return Projection(m, e, ("mlp", "embed"), cfg, name="down")(h)
 
 
 class Block(nn.Module):
@@ -286,7 +300,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
-            logits = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, "lm_head")(x)
+            logits = Projection((cfg.hidden,), (cfg.vocab_size,), ("embed", "vocab"), cfg,
+                                name="lm_head")(x)
         logits = nn.with_logical_constraint(logits.astype(jnp.float32),
                                             ("batch", "length", "act_vocab"))
         if cfg.shift_logits:

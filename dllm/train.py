@@ -226,7 +226,7 @@ def _loop(config, workdir, state, step_fn, eval_fn, train_iter, make_ds, ckpt, l
         state, step_metrics = step_fn(state, sharding.global_batch(next(train_iter), mesh))
         steps_since += 1
         bar.update(1)
-        log_now = step % tc.log_every == 0 or step == tc.steps
+        log_now = step % tc.log_every == 0 or step in (start + 1, tc.steps)
         save_now = step % config.checkpoint.every == 0 or step == tc.steps
         if not (log_now or save_now):
             continue
