@@ -554,8 +554,8 @@ def _define_flags():
     flags.DEFINE_enum("arch", None, sorted(ARCHITECTURES), "export: architecture in "
                       "config.json (default: the imported one, else by attention).")
     flags.DEFINE_string("hf_base", None, "export: HF directory whose config keys and side "
-                        "files to carry over (default: CKPT/hf, else the HF source of the run CKPT was "
-                        "initialised from).")
+                        "files to carry over (default: CKPT/hf, else the HF source of the "
+                        "run CKPT was initialised from).")
     flags.DEFINE_float("max_shard_gb", 5.0, "export: maximum safetensors shard size (GiB).")
 
 

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from dllm import convert, model as model_lib, sharding, tokenizer as tokenizer_lib
+from dllm import config as config_lib
+from dllm import convert, model as model_lib, sharding, train
+from dllm import tokenizer as tokenizer_lib
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -198,6 +200,28 @@ def test_import_writes_a_run_directory(hf, roundtrip, imported):
     _assert_trees_equal(params, imported[1])
     tok = tokenizer_lib.load_tokenizer(os.path.join(workdir, "tokenizer.json"))
     assert tok.mask_id < VOCAB and tok.token_to_id("<|im_end|>") == 2
+
+
+def test_imported_run_loads_with_load_run(roundtrip, imported):
+    _, model, params, tok = train.load_run(roundtrip[0])
+    assert model.cfg == imported[0].cfg and isinstance(tok, tokenizer_lib.HFTokenizer)
+    _assert_trees_equal(params, imported[1])
+
+
+@pytest.mark.slow  # a real (one-step) training run: ~20-40 s
+def test_training_starts_from_hf_weights(hf, imported, tmp_path):
+    """--config.init.hf_dir: with lr 0 the trained params are the imported ones."""
+    c = config_lib.base_config()
+    c.model.update(convert.model_config_from_hf(convert.read_hf_config(hf[0]), dtype="float32"))
+    c.data.update(source="stdlib", seq_len=32, max_documents=10, eval_fraction=0.1)
+    c.train.update(steps=1, batch_size=8, lr=0.0, warmup_steps=1, log_every=1, eval_every=0)
+    c.checkpoint.update(every=1, keep=1)
+    c.sample.update(max_new_tokens=4)
+    c.init.hf_dir = hf[0]
+    state = train.train_and_evaluate(c, str(tmp_path))
+    _assert_trees_equal(state.params, imported[1])
+    tok = tokenizer_lib.load_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert tok.mask_id == tokenizer_lib.HFTokenizer(hf[0]).mask_id
 
 
 def test_import_export_import_is_bit_exact_and_loads_in_transformers(hf, roundtrip, imported):
