@@ -122,6 +122,8 @@ def hf_config_from_model(cfg: model_lib.ModelConfig, architecture: str,
     max_position_embeddings, ...) are kept."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture {architecture!r}; supported: {sorted(ARCHITECTURES)}")
+    if not cfg.qkv_bias:
+        raise ValueError("model.qkv_bias=False: Qwen2 / Dream checkpoints have q/k/v biases")
     if architecture == "DreamModel" and cfg.head_dim * cfg.heads != cfg.hidden:
         raise ValueError(f"DreamModel needs head_dim*heads == hidden; got {cfg.head_dim}*"
                          f"{cfg.heads} != {cfg.hidden}")
@@ -432,8 +434,9 @@ def _copy_side_files(src: str, dst: str, skip=()):
 def _run_config(fields: dict, hf_dir: str, architecture: str):
     """A run's config.json contents: the stage defaults with this model."""
     c = config_lib.base_config("tiny")
-    shape = lambda d: {k: v for k, v in d.items() if k not in ("dtype", "param_dtype", "remat")}
-    matches = [name for name in model_lib.PRESETS if shape(model_lib.preset(name)) == shape(fields)]
+    def shape(d):  # the fields a preset fixes (dtype and remat are per run)
+        return {k: v for k, v in d.items() if k not in ("dtype", "param_dtype", "remat")}
+    matches = [n for n in model_lib.PRESETS if shape(model_lib.preset(n)) == shape(fields)]
     c.model = ml_collections.ConfigDict({**fields, "preset": matches[0] if matches else ""})
     c.hf = dict(source=os.path.abspath(hf_dir), architecture=architecture)
     return c

@@ -11,20 +11,9 @@ from tokenizers import decoders, normalizers, pre_tokenizers, trainers
 
 from dllm import data
 from dllm import tokenizer as tokenizer_lib
+from test_tokenizer import _stdlib_texts as _read  # (path, bytes, text) of UTF-8 files
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # what Qwen2.5 ships
-
-
-def _read(paths):
-    out = []
-    for path in paths:
-        with open(path, "rb") as f:
-            raw = f.read()
-        try:
-            out.append((path, raw, raw.decode("utf-8")))
-        except UnicodeDecodeError:
-            pass
-    return out
 
 
 @pytest.fixture(scope="module")
