@@ -134,6 +134,11 @@ def test_sft_missing_response_names_line(tmp_path):
         data.load_sft_pairs(str(path))
 
 
+def test_unknown_source_lists_the_allowed_ones(tok):
+    with pytest.raises(ValueError, match="'stdlib', 'text', 'jsonl', 'sft'"):
+        data.make_dataset(_cfg(source="csv"), tok, split="train", batch_size=1, seed=0)
+
+
 def test_too_little_data_for_a_batch(tok, corpus):
     with pytest.raises(ValueError, match="less than one batch"):
         data.make_dataset(_cfg(path=corpus), tok, split="eval", batch_size=1000, seed=0)
@@ -299,4 +304,3 @@ def test_sft_tiny_file(tok):
         ast.parse(code.group(1))
     out = data.sft_examples(tok, pairs, seq_len=256)
     assert out["pad_mask"].any(axis=1).all()  # everything fits in 256 tokens, untruncated
-
