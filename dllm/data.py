@@ -43,7 +43,7 @@ from dllm import tokenizer as tokenizer_lib
 # The document order (hence the eval split and the max_documents subset) must not change
 # with the run's seed: a fixed seed of its own.
 _ORDER_SEED = 20250626
-_PRETRAIN_SOURCES = ("stdlib", "text", "jsonl")
+_SOURCES = ("stdlib", "text", "jsonl", "sft")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -81,7 +81,8 @@ def _resolve_paths(path: str) -> list[str]:
     else:
         found = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
     if not found:
-        raise FileNotFoundError(f"data path {path!r}: no such file, or no files in it / matching it")
+        raise FileNotFoundError(f"data path {path!r}: no such file, directory or glob match "
+                                "(or no files in it)")
     return sorted(found)
 
 
@@ -112,7 +113,8 @@ def _read_jsonl(path: str, fields: Sequence[str]) -> Iterator[tuple[str, ...]]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                raise ValueError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             for field in fields:
                 if not isinstance(obj.get(field), str):
                     raise ValueError(f"{path}:{lineno}: field {field!r} missing or not a string "
@@ -142,14 +144,15 @@ def load_documents(data_cfg: ml_collections.ConfigDict) -> list[str]:
         docs = _stdlib_documents(data_cfg.path)
         where = f"stdlib {sysconfig.get_paths()['stdlib']!r} (path {data_cfg.path!r})"
     elif data_cfg.source == "text":
-        docs, where = map(_read_text, _fixed_order(_resolve_paths(data_cfg.path))), repr(data_cfg.path)
+        paths = _fixed_order(_resolve_paths(data_cfg.path))
+        docs, where = map(_read_text, paths), repr(data_cfg.path)
     elif data_cfg.source == "jsonl":
         field = data_cfg.text_field
         rows = [r for p in _resolve_paths(data_cfg.path) for r in _read_jsonl(p, [field])]
         docs, where = (text for text, in _fixed_order(rows)), repr(data_cfg.path)
     else:
-        raise ValueError(f"data.source {data_cfg.source!r} is not a pretraining source "
-                         f"{_PRETRAIN_SOURCES} (for 'sft' use load_sft_pairs)")
+        hint = "use load_sft_pairs" if data_cfg.source == "sft" else f"one of {_SOURCES}"
+        raise ValueError(f"data.source {data_cfg.source!r}: not a pretraining source ({hint})")
     docs = list(itertools.islice(docs, data_cfg.max_documents or None))
     if not any(docs):
         raise ValueError(f"empty corpus: no non-empty documents in {where}")
