@@ -304,3 +304,10 @@ def test_sft_tiny_file(tok):
         ast.parse(code.group(1))
     out = data.sft_examples(tok, pairs, seq_len=256)
     assert out["pad_mask"].any(axis=1).all()  # everything fits in 256 tokens, untruncated
+
+
+def test_stdlib_path_selects_a_subset_by_glob():
+    files = data.stdlib_files("json/*.py,email/mime/*.py")
+    assert files and all(("/json/" in f) or ("/email/mime/" in f) for f in files)
+    assert any(f.endswith("json/decoder.py") for f in files)
+    assert len(files) < len(data.stdlib_files()) / 10
