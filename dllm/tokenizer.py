@@ -17,6 +17,7 @@ their names, so `decode(encode(text)) == text` for every string.
 import abc
 import json
 import os
+import uuid
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -189,7 +190,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_path: str, *,
     if not sentences:
         raise ValueError(f"cannot train tokenizer {out_path!r}: the corpus is empty")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    prefix = f"{out_path[:-len('.model')]}.tmp{os.getpid()}"
+    prefix = f"{out_path[:-len('.model')]}.tmp{uuid.uuid4().hex}"  # unique per process
     spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sentences), model_prefix=prefix, model_type="bpe",
             vocab_size=vocab_size, hard_vocab_limit=False, byte_fallback=True,
