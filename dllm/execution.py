@@ -15,7 +15,7 @@ run restarts at the next test (each test gets its own `timeout`, as in
 DiffuCoder's reward), within a job budget of `total_timeout`.
 
 Public API: `SandboxConfig`, `TestOutcome`, `Result`, `Job`, `run_tests`,
-`run_program`, `execute_many`, `sandbox_capabilities`.
+`run_program`, `execute_many`, `guarantees`, `sandbox_capabilities`.
 """
 import atexit
 import concurrent.futures
@@ -269,6 +269,18 @@ def _close_zygotes() -> None:
         _idle_zygotes.clear()
 
 
+def _forget_zygotes() -> None:
+    """In a forked copy of this process: the zygotes belong to the original."""
+    global _idle_lock
+    _idle_lock = threading.Lock()  # another thread may have held it at fork time
+    for zygote in _idle_zygotes:
+        zygote.sock.close()
+    _idle_zygotes.clear()
+
+
+os.register_at_fork(after_in_child=_forget_zygotes)
+
+
 def _unescape(text: str) -> str:
     return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), text)
 
@@ -440,9 +452,16 @@ def run_tests(program: str, tests: Sequence[str] = (),
         test passes when it runs to completion.
       config: limits; SandboxConfig() by default.
     Returns:
-      a Result; never raises for anything the program does.
+      a Result. Never raises: a failure of the sandbox itself is an "error" Result.
     """
-    cfg, tests = config or SandboxConfig(), tuple(tests)
+    try:
+        return _run_tests(program, tuple(tests), config or SandboxConfig())
+    except Exception as exc:  # noqa: BLE001 - the caller must get a Result
+        return Result("error", f"sandbox failure: {type(exc).__name__}: {exc}")
+
+
+def _run_tests(program: str, tests: tuple, cfg: SandboxConfig) -> Result:
+    """run_tests: one attempt, then one more after each test that ended its process."""
     total = cfg.total_timeout or cfg.timeout * (len(tests) + 1)
     start = time.monotonic()
     outcomes, output, att = [], b"", None
@@ -481,14 +500,6 @@ def _warn_once(notes: tuple[str, ...]) -> None:
         _log.warning("sandbox: %s", note)
 
 
-def _safe_run(job: Job, cfg: SandboxConfig) -> Result:
-    """run_tests that turns a failure of the sandbox itself into an error Result."""
-    try:
-        return run_tests(job.program, job.tests, cfg)
-    except Exception as exc:  # noqa: BLE001 - the caller must get a Result
-        return Result("error", f"sandbox failure: {type(exc).__name__}: {exc}")
-
-
 def execute_many(jobs: Iterable[Job | tuple], workers: int | None = None,
                  timeout: float | None = None, config: SandboxConfig | None = None,
                  progress: Callable[[int], object] | None = None) -> list[Result]:
@@ -508,7 +519,7 @@ def execute_many(jobs: Iterable[Job | tuple], workers: int | None = None,
     results: list = [None] * len(jobs)
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        futures = {pool.submit(_safe_run, job, cfg): i for i, job in enumerate(jobs)}
+        futures = {pool.submit(run_tests, job.program, job.tests, cfg): i for i, job in enumerate(jobs)}
         for future in concurrent.futures.as_completed(futures):
             results[futures[future]] = future.result()
             if progress is not None:
@@ -516,13 +527,35 @@ def execute_many(jobs: Iterable[Job | tuple], workers: int | None = None,
     return results
 
 
+def guarantees(features: Sequence[str]) -> dict[str, bool]:
+    """What a run with these isolation features is protected against.
+
+    network: no network at all (an empty network namespace).
+    filesystem: nothing outside the run's own tmpfs can be written.
+    process_cap: max_processes binds (RLIMIT_NPROC under a non-root uid).
+    process_tree: no process outlives the run (pid namespace, or a uid to sweep).
+    parent: the caller's processes cannot be signalled or read (own pid namespace
+      with a fresh /proc, or another uid).
+    memory: the address-space limit binds (Linux).
+    """
+    features = set(features)
+    return {"network": "netns" in features,
+            "filesystem": {"read-only-fs", "tmpfs-workdir"} <= features,
+            "process_cap": "uid" in features or (os.geteuid() != 0 and "rlimits" in features),
+            "process_tree": "pidns" in features or "uid" in features,
+            "parent": "fresh-proc" in features or "uid" in features,
+            "memory": "rlimits" in features and sys.platform.startswith("linux")}
+
+
 @functools.lru_cache(maxsize=None)
 def sandbox_capabilities(config: SandboxConfig | None = None) -> dict:
-    """What the sandbox applies on this machine: {"features": [...], "notes": [...]}.
+    """What the sandbox applies on this machine, found by running a trivial program.
 
-    Features include netns/pidns/mountns (isolation), read-only-fs, tmpfs-workdir,
-    uid (a throwaway uid, root only), no-caps, rlimits; notes say what is missing.
+    Returns {"features": [...], "notes": [...], "guarantees": {name: bool}}:
+    features as in Result.isolation (netns, mountns, pidns, read-only-fs,
+    tmpfs-workdir, uid, no-caps, rlimits, ...), notes on what is missing, and
+    `guarantees(features)`.
     """
     result = run_program("pass", config)
     return {"features": list(result.isolation), "notes": list(result.notes),
-            "status": result.status, "reason": result.reason}
+            "guarantees": guarantees(result.isolation)}
