@@ -302,9 +302,12 @@ def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {argv[1:]}")
-    k = [int(x) for x in f.k.split(",") if x.strip()]
-    report = evaluate_samples(load_tasks(f.tasks), load_samples(f.samples), k=k,
-                              timeout=f.timeout, workers=f.workers, mode=f.mode)
+    try:
+        k = [int(x) for x in f.k.split(",") if x.strip()]
+        report = evaluate_samples(load_tasks(f.tasks), load_samples(f.samples), k=k,
+                                  timeout=f.timeout, workers=f.workers, mode=f.mode)
+    except (ValueError, FileNotFoundError) as exc:  # bad input: the message, no traceback
+        raise SystemExit(f"error: {exc}") from None
     with open(f.out, "w") as out:
         json.dump(report, out, indent=1)
     summary = ", ".join(f"pass@{kk}: {v:.4f}" for kk, v in report["pass_at_k"].items())
