@@ -19,7 +19,6 @@ Public API: `SandboxConfig`, `TestOutcome`, `Result`, `Job`, `run_tests`,
 """
 import atexit
 import concurrent.futures
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -241,24 +240,32 @@ def _zygote_key(cfg: SandboxConfig) -> tuple:
     return cfg.python, cfg.isolate, hide
 
 
-@contextlib.contextmanager
-def _borrow_zygote(key: tuple):
-    """An idle zygote for `key` (started if none); returned after a clean job,
-    closed after any error."""
+def _take_zygote(key: tuple) -> "_Zygote":
+    """An idle zygote set up for `key`, or a new one."""
     with _idle_lock:
         found = [z for z in _idle_zygotes if z.key == key]
-        zygote = found[-1] if found else None
-        if zygote is not None:
-            _idle_zygotes.remove(zygote)
-    if zygote is None or zygote.proc.poll() is not None:
-        zygote = _Zygote(key)
-    try:
-        yield zygote
-    except BaseException:
-        zygote.close()
-        raise
+        if found:
+            _idle_zygotes.remove(found[-1])
+    if found and found[-1].proc.poll() is None:
+        return found[-1]
+    return _Zygote(key)
+
+
+def _give_back(zygote: "_Zygote") -> None:
     with _idle_lock:
         _idle_zygotes.append(zygote)
+
+
+def _start_job(key: tuple, payload: dict, out_fd: int, report_fd: int):
+    """(zygote, child pid) for a job; a zygote that died while idle is replaced once."""
+    for retry in (False, True):
+        zygote = _take_zygote(key)
+        try:
+            return zygote, zygote.start(payload, out_fd, report_fd)
+        except (OSError, ConnectionError):
+            zygote.close()
+            if retry:
+                raise
 
 
 @atexit.register
@@ -291,6 +298,8 @@ def _handle_event(line: bytes, nonce: str, att: _Attempt) -> bool:
     if len(parts) != 4 or not secrets.compare_digest(parts[0], nonce):
         return False
     _, kind, index, text = parts
+    if not index.isdigit():
+        return False
     text = _unescape(text)
     expected = att.first + len(att.outcomes)
     if kind == "init" and att.isolation is None and att.init_pid is None:
@@ -412,16 +421,21 @@ def _run_attempt(program: str, tests: Sequence[str], first: int, cfg: SandboxCon
     (out_r, out_w), (report_r, report_w) = os.pipe(), os.pipe()
     try:
         try:
-            with _borrow_zygote(_zygote_key(cfg)) as zygote:
-                try:
-                    pid = zygote.start(payload, out_w, report_w)
-                finally:
-                    os.close(out_w)
-                    os.close(report_w)
-                if _watch(zygote, out_r, report_r, nonce, att, cfg, job_deadline) is None:
-                    _kill(zygote, pid, att)
+            zygote, pid = _start_job(_zygote_key(cfg), payload, out_w, report_w)
+        finally:
+            os.close(out_w)
+            os.close(report_w)
+        try:
+            if _watch(zygote, out_r, report_r, nonce, att, cfg, job_deadline) is None:
+                _kill(zygote, pid, att)
         except (OSError, ConnectionError) as exc:  # the zygote died: the run did too
+            zygote.close()
             att.end = att.end or TestOutcome("killed", f"sandbox zygote lost: {exc}")
+        except BaseException:  # e.g. KeyboardInterrupt: closing makes the zygote kill it
+            zygote.close()
+            raise
+        else:
+            _give_back(zygote)
         features = att.isolation[0] if att.isolation else ()
         if uid is not None and "uid" in features and "pidns" not in features:
             _sweep_uid(uid, cfg.python)
