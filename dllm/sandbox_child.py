@@ -366,7 +366,9 @@ def run_job(payload, out_fd, report_fd, libc, needed, iso, isolated):
     sources = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (devnull, out_fd, out_fd, report_fd)]
     for target, fd in enumerate(sources):
         os.dup2(fd, target)
-    os.closerange(4, 1 << 20)  # the zygote's socket and anything else inherited
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # The zygote's socket and anything else inherited (no fd lies above the limit).
+    os.closerange(4, soft if soft != resource.RLIM_INFINITY else 1 << 20)
     os.environ.clear()
     os.environ.update(payload["env"])
     report = make_reporter(3, payload["nonce"])
