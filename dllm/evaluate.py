@@ -263,7 +263,8 @@ def generate_and_evaluate(tasks: Sequence[Task], sample_fn: Callable[[list[str]]
                           n: int = 1, k: Sequence[int] = (1,), style: str = "instruct",
                           answer_prefix: bool = True,
                           chat_template: Callable[[Sequence[dict]], str] = default_chat_template,
-                          batch_size: int = 64, **evaluate_kwargs) -> dict:
+                          batch_size: int = 64, sampler_info: dict | None = None,
+                          **evaluate_kwargs) -> dict:
     """Sample n completions per task with `sample_fn`, then evaluate_samples.
 
     Args:
@@ -271,6 +272,7 @@ def generate_and_evaluate(tasks: Sequence[Task], sample_fn: Callable[[list[str]]
         temperature and decoding). Called with at most batch_size prompts.
       style, answer_prefix, chat_template: see build_prompt. Base completions are
         cut at rewards.BASE_STOP; instruct responses keep the prefilled prefix.
+      sampler_info: recorded under config["sampler"] (checkpoint, temperature, ...).
       evaluate_kwargs: timeout, workers, progress, config (evaluate_samples).
     Returns:
       evaluate_samples' report; each sample row also holds its `completion`.
@@ -292,7 +294,8 @@ def generate_and_evaluate(tasks: Sequence[Task], sample_fn: Callable[[list[str]]
     report = evaluate_samples(tasks, samples, k=k, mode=mode, **evaluate_kwargs)
     for row, sample in zip(report["samples"], samples):
         row["completion"] = sample["completion"]
-    report["config"].update(style=style, answer_prefix=answer_prefix, n=n)
+    report["config"].update(style=style, answer_prefix=answer_prefix, n=n,
+                            sampler=sampler_info or {})
     return report
 
 

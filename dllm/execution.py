@@ -1,12 +1,14 @@
 """Sandboxed execution of untrusted Python against test cases.
 
-Each run is a fresh interpreter (`dllm/sandbox_child.py` is its trusted first code)
-with a wall-clock timeout per phase (loading the program, then each test case), a
-CPU-time limit, an address-space limit, a cap on processes and threads, a cap on
-output, a fresh working directory, a scrubbed environment and an empty stdin; on
-Linux also new mount/pid/network/IPC namespaces, a read-only file system, masked
-home directories and (as root) a throwaway uid. Every outcome is a `Result`: the
-caller is never crashed or stalled by what a program does.
+Each run is a process forked from a trusted zygote interpreter (one per worker,
+started once; its code is `dllm/sandbox_child.py`), so a run costs a fork, not an
+interpreter start. A run has a wall-clock timeout per phase (loading the program,
+then each test case), a CPU-time limit, an address-space limit, a cap on processes
+and threads, a cap on output, a fresh working directory, a scrubbed environment
+and an empty stdin; on Linux also new mount/pid/network/IPC namespaces, a
+read-only file system, masked home directories, no capabilities and (as root) a
+throwaway uid. Every outcome is a `Result`: the caller is never crashed or
+stalled by what a program does.
 
 Honest passing: a test passes only when the child reports, on a private pipe and
 with a per-run nonce, that the test code ran to completion. Exit status and
@@ -233,11 +235,13 @@ def _zygote_key(cfg: SandboxConfig) -> tuple:
     (the configured ones and the caller's HOME, never / nor the temp directory
     that holds the fallback working directories)."""
     temp = os.path.realpath(tempfile.gettempdir())
-    hide = tuple(
-        p for p in (*cfg.hide_paths, os.path.expanduser("~"))
-        if os.path.realpath(p) != "/" and not temp.startswith(os.path.realpath(p) + "/")
-        and temp != os.path.realpath(p)) if cfg.isolate else ()
-    return cfg.python, cfg.isolate, hide
+
+    def maskable(path: str) -> bool:
+        real = os.path.realpath(path)
+        return real != "/" and temp != real and not temp.startswith(real + "/")
+
+    hide = (*cfg.hide_paths, os.path.expanduser("~")) if cfg.isolate else ()
+    return cfg.python, cfg.isolate, tuple(filter(maskable, hide))
 
 
 def _take_zygote(key: tuple) -> "_Zygote":
@@ -248,6 +252,8 @@ def _take_zygote(key: tuple) -> "_Zygote":
             _idle_zygotes.remove(found[-1])
     if found and found[-1].proc.poll() is None:
         return found[-1]
+    if found:
+        found[-1].close()  # it died while idle
     return _Zygote(key)
 
 

@@ -194,10 +194,12 @@ def test_generate_and_evaluate_with_a_fake_sampler(humaneval):
     solutions = {evaluate.build_prompt(t): t.prompt + problems[t.task_id]["canonical_solution"]
                  for t in tasks}
     report = evaluate.generate_and_evaluate(
-        tasks, lambda ps: [solutions[p] + FENCE + "\nDone." for p in ps], n=1, progress=False)
+        tasks, lambda ps: [solutions[p] + FENCE + "\nDone." for p in ps], n=1, progress=False,
+        sampler_info={"temperature": 0.2})
     assert report["pass_at_k"] == {"1": 1.0}
     assert report["samples"][0]["completion"].startswith(FENCE + "python\n")
     assert report["config"]["style"] == "instruct"
+    assert report["config"]["sampler"] == {"temperature": 0.2}
 
 
 def test_sampler_returning_the_wrong_count_is_an_error(humaneval):

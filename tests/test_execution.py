@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
@@ -381,6 +382,15 @@ def test_without_namespaces_the_basics_still_hold():
     assert ex.run_tests(ADD + "import sys; sys.exit(0)", ["assert True"], cfg).status == "error"
     assert ex.run_tests("while True: pass", ["assert True"], cfg).status == "timeout"
     assert "isolation disabled by configuration" in ex.run_program("pass", cfg).notes
+
+
+def test_masks_never_cover_root_or_the_temp_directory(monkeypatch):
+    monkeypatch.setenv("HOME", "/")
+    temp = tempfile.gettempdir()
+    cfg = ex.SandboxConfig(hide_paths=("/root", temp, os.path.dirname(temp), "/srv/data"))
+    python, isolate, hidden = ex._zygote_key(cfg)
+    assert hidden == ("/root", "/srv/data")
+    assert ex._zygote_key(ex.SandboxConfig(isolate=False))[2] == ()
 
 
 def test_guarantees_follow_from_features():
