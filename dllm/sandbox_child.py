@@ -124,25 +124,30 @@ def _outermost(paths):
     return kept
 
 
+def _cover(libc, directory, options, needed):
+    """Mount a fresh tmpfs on `directory`, re-binding read-only the needed paths
+    under it (e.g. /root covered, /root/.pyenv/versions/3.11 kept for the interpreter)."""
+    keep = _outermost(p for p in needed if _is_under(p, directory))
+    fds = [os.open(p, os.O_PATH) for p in keep]  # handles survive the covering
+    _mount(libc, "tmpfs", directory, "tmpfs", MS_NOSUID | MS_NODEV, options)
+    for path, fd in zip(keep, fds):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            os.makedirs(path, exist_ok=True)
+        else:  # a file (e.g. a zip on sys.path): bind it onto an empty file
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            open(path, "w").close()
+        _mount(libc, f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+        _mount(libc, None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        os.close(fd)
+
+
 def _mask(libc, hidden, needed):
-    """Cover each hidden directory with an empty tmpfs, re-binding the needed paths
-    under it (e.g. /root hidden, /root/.pyenv/versions/3.11 kept for the interpreter)."""
+    """Cover each hidden directory with an empty tmpfs; returns those covered."""
     masked = []
     for directory in _outermost(p for p in hidden if os.path.isdir(p)):
-        keep = _outermost(p for p in needed if _is_under(p, directory))
-        if directory in keep:
-            continue  # the interpreter lives at this very path: leave it visible
-        fds = [os.open(p, os.O_PATH) for p in keep]  # handles survive the covering
-        _mount(libc, "tmpfs", directory, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
-        for path, fd in zip(keep, fds):
-            if os.path.isdir(f"/proc/self/fd/{fd}"):
-                os.makedirs(path, exist_ok=True)
-            else:  # a file (e.g. a zip on sys.path): bind it onto an empty file
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                open(path, "w").close()
-            _mount(libc, f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
-            os.close(fd)
-        masked.append(directory)
+        if not any(_is_under(directory, p) for p in needed):  # not inside the interpreter
+            _cover(libc, directory, "mode=0755,size=1m", needed)
+            masked.append(directory)
     return masked
 
 
@@ -203,9 +208,10 @@ def fork_init(libc, report):
     os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
 
 
-def isolate_job(libc, payload, report, iso):
+def isolate_job(libc, limits, owner, needed, report, iso):
     """New pid, IPC and mount namespaces; a fresh /proc (only this run's processes),
-    and fresh size-capped tmpfs at /tmp (the working directory) and /dev/shm."""
+    and fresh size-capped tmpfs at /tmp (the working directory, owned by `owner`)
+    and /dev/shm."""
     try:
         _unshare(libc, CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC)
     except OSError as exc:
@@ -218,14 +224,12 @@ def isolate_job(libc, payload, report, iso):
         iso.add("fresh-proc")
     except OSError as exc:
         iso.note(f"host /proc visible ({exc})")
-    owner = payload["uid"] if payload["uid"] is not None else os.geteuid()
-    size, inodes = payload["limits"]["tmpfs_bytes"], payload["limits"]["tmpfs_inodes"]
+    size, inodes = limits["tmpfs_bytes"], limits["tmpfs_inodes"]
     try:
-        _mount(libc, "tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
-               f"size={size},nr_inodes={inodes},mode=0700,uid={owner},gid={owner}")
+        _cover(libc, "/tmp", f"size={size},nr_inodes={inodes},mode=0700,uid={owner},"
+                             f"gid={owner}", needed)
         if os.path.isdir("/dev/shm"):
-            _mount(libc, "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV,
-                   f"size={size},nr_inodes={inodes},mode=1777")
+            _cover(libc, "/dev/shm", f"size={size},nr_inodes={inodes},mode=1777", needed)
     except OSError as exc:
         iso.note(f"no tmpfs working directory ({exc})")
         return
@@ -253,31 +257,41 @@ def set_limits(limits, iso):
     iso.add("rlimits")
 
 
-def _readable_by_others(path):
-    """True if every directory on the way is world-searchable and the end world-readable."""
+def _readable_by(uid, path):
+    """Can `uid` (group `uid`, no other groups) reach `path`: every directory on the
+    way searchable and the end readable, by owner, group or other permission bits."""
     parts = os.path.realpath(path).split("/")
     for i in range(2, len(parts) + 1):
-        mode = os.stat("/".join(parts[:i])).st_mode
-        if not mode & (stat.S_IXOTH if stat.S_ISDIR(mode) else stat.S_IROTH):
+        st = os.stat("/".join(parts[:i]))
+        shift = 6 if st.st_uid == uid else 3 if st.st_gid == uid else 0
+        if not (st.st_mode >> shift) & (1 if stat.S_ISDIR(st.st_mode) else 4):
             return False
     return True
 
 
-def drop_privileges(libc, uid, needed, iso):
-    """As root: become `uid` (so RLIMIT_NPROC binds and root's files are closed);
+def run_as(uid, needed, iso):
+    """The uid to drop to: the throwaway `uid` when we are root and it can read the
+    interpreter; else None (we keep our uid; as root, RLIMIT_NPROC then does not bind)."""
+    if uid is None or os.geteuid() != 0:
+        return None
+    if all(_readable_by(uid, p) for p in needed):
+        return uid
+    iso.note("runs as root: the interpreter is not readable by an unprivileged uid, "
+             "so the process cap is not enforced")
+    return None
+
+
+def drop_privileges(libc, uid, iso):
+    """Become `uid` if given (so RLIMIT_NPROC binds and root's files are closed);
     then drop every capability and set no-new-privs (setuid binaries give nothing)."""
     if libc:
         for cap in range(64):  # the bounding set needs CAP_SETPCAP: before setuid
             libc.prctl(PR_CAPBSET_DROP, cap)
-    if uid is not None and os.geteuid() == 0:
-        if all(_readable_by_others(p) for p in needed):
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-            iso.add("uid")
-        else:
-            iso.note("runs as root: the interpreter is not readable by an unprivileged "
-                     "uid, so the process cap is not enforced")
+    if uid is not None:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+        iso.add("uid")
     if libc:
         header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
         _check(libc.capset(header, (ctypes.c_uint32 * 6)()), "capset")  # all sets empty
@@ -372,14 +386,16 @@ def run_job(payload, out_fd, report_fd, libc, needed, iso, isolated):
     os.environ.clear()
     os.environ.update(payload["env"])
     report = make_reporter(3, payload["nonce"])
+    uid = run_as(payload["uid"], needed, iso)
     if isolated:
-        isolate_job(libc, payload, report, iso)
+        owner = uid if uid is not None else os.geteuid()
+        isolate_job(libc, payload["limits"], owner, needed, report, iso)
     if "tmpfs-workdir" not in iso.features:  # the parent's mkdtemp directory
         os.chdir(payload["workdir"])
-        if payload["uid"] is not None:
-            os.chown(".", payload["uid"], payload["uid"])
+        if uid is not None:
+            os.chown(".", uid, uid)
     set_limits(payload["limits"], iso)
-    drop_privileges(libc, payload["uid"], needed, iso)
+    drop_privileges(libc, uid, iso)
     notes = "|".join(n.replace("|", "/") for n in iso.notes)
     report("isolation", 0, ",".join(iso.features) + "|" + notes)
     run_untrusted(payload["program"], payload["tests"], payload["first"], report)
