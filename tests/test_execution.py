@@ -235,15 +235,17 @@ def test_huge_output_is_capped_and_killed():
 def test_writes_outside_the_working_directory_do_not_land(tmp_path):
     os.chmod(tmp_path, 0o777)  # even a world-writable directory is out of reach
     name = f"dllm-pwned-{uuid.uuid4().hex}"
-    outside = [str(tmp_path / name), os.path.join(os.getcwd(), name),
-               os.path.join(os.path.expanduser("~"), name), f"/var/tmp/{name}"]
+    targets = sorted({str(tmp_path / name), os.path.join(os.getcwd(), name),
+                      os.path.join(os.path.expanduser("~"), name), f"/var/tmp/{name}",
+                      f"/tmp/{name}"})
+    # Inside the sandbox /tmp is the run's own tmpfs: writable, and never the host's.
+    own_tmp = [t for t in targets if os.path.dirname(t) == "/tmp"]
     program = "written = []\n" + "".join(
         f"try:\n    open({t!r}, 'w').write('x'); written.append({t!r})\n"
-        f"except OSError:\n    pass\n" for t in outside + [f"/tmp/{name}"])
-    # /tmp inside the sandbox is the run's own tmpfs: writable, and never the host's.
-    result = run(program, [f"assert written == ['/tmp/{name}']"])
+        f"except OSError:\n    pass\n" for t in targets)
+    result = run(program, [f"assert written == {own_tmp!r}"])
     assert result.passed, result.reason
-    for target in outside + [f"/tmp/{name}"]:
+    for target in targets:
         assert not os.path.exists(target)
 
 
