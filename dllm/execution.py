@@ -75,11 +75,19 @@ class SandboxConfig:
     python: str = sys.executable
 
 
+def _check_status(status: str) -> None:
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class TestOutcome:
     """One test case: status in STATUSES, and why."""
     status: str
     reason: str = ""
+
+    def __post_init__(self):
+        _check_status(self.status)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +109,9 @@ class Result:
     output: str = ""
     isolation: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        _check_status(self.status)
 
     @property
     def passed(self) -> bool:
