@@ -11,7 +11,8 @@
                   "sft": each line of the files under `path` is {"prompt": str,
                     "response": str}, for supervised fine-tuning with the chat template.
   path            a file, a directory (every file under it, recursively) or a glob;
-                  unused for "stdlib".
+                  for "stdlib", optional comma-separated globs relative to the stdlib
+                  root that select a subset (e.g. "json/*.py,asyncio/*.py").
   text_field      the document's key in "jsonl" objects (default "text").
   seq_len         tokens per sequence (default 256).
   eval_fraction   share of documents (or SFT pairs) held out for evaluation, in [0, 1)
@@ -25,6 +26,7 @@
 
 Errors in the input name the file and, for line-based formats, the line.
 """
+import fnmatch
 import glob
 import itertools
 import json
@@ -41,7 +43,7 @@ from dllm import tokenizer as tokenizer_lib
 # The document order (hence the eval split and the max_documents subset) must not change
 # with the run's seed: a fixed seed of its own.
 _ORDER_SEED = 20250626
-_PRETRAIN_SOURCES = ("stdlib", "text", "jsonl")
+_SOURCES = ("stdlib", "text", "jsonl", "sft")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -54,13 +56,19 @@ def default_config() -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------- reading
 
 
-def stdlib_files() -> list[str]:
-    """Sorted paths of the .py files of this interpreter's stdlib, without site-packages."""
+def stdlib_files(patterns: str = "") -> list[str]:
+    """Sorted paths of the .py files of this interpreter's stdlib, without site-packages;
+    only those matching one of the comma-separated globs `patterns` (relative to the
+    stdlib root, e.g. "json/*.py,asyncio/*.py") when given."""
     root = sysconfig.get_paths()["stdlib"]
+    globs = [g.strip() for g in patterns.split(",") if g.strip()]
     paths = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in ("site-packages", "dist-packages")]
         paths += [os.path.join(dirpath, f) for f in filenames if f.endswith(".py")]
+    if globs:
+        paths = [p for p in paths
+                 if any(fnmatch.fnmatch(os.path.relpath(p, root), g) for g in globs)]
     return sorted(paths)
 
 
@@ -73,7 +81,8 @@ def _resolve_paths(path: str) -> list[str]:
     else:
         found = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
     if not found:
-        raise FileNotFoundError(f"data path {path!r}: no such file, or no files in it / matching it")
+        raise FileNotFoundError(f"data path {path!r}: no such file, directory or glob match "
+                                "(or no files in it)")
     return sorted(found)
 
 
@@ -104,7 +113,8 @@ def _read_jsonl(path: str, fields: Sequence[str]) -> Iterator[tuple[str, ...]]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                raise ValueError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             for field in fields:
                 if not isinstance(obj.get(field), str):
                     raise ValueError(f"{path}:{lineno}: field {field!r} missing or not a string "
@@ -117,8 +127,8 @@ def _fixed_order(items: list) -> list:
     return [items[i] for i in np.random.default_rng(_ORDER_SEED).permutation(len(items))]
 
 
-def _stdlib_documents() -> Iterator[str]:
-    for path in _fixed_order(stdlib_files()):
+def _stdlib_documents(patterns: str) -> Iterator[str]:
+    for path in _fixed_order(stdlib_files(patterns)):
         try:
             yield _read_text(path)
         except ValueError:  # test data that is deliberately latin-1, koi8-r, ...
@@ -131,16 +141,18 @@ def load_documents(data_cfg: ml_collections.ConfigDict) -> list[str]:
     Only the first `max_documents` files are read when there is a cap (cheap tiny runs).
     """
     if data_cfg.source == "stdlib":
-        docs, where = _stdlib_documents(), f"stdlib {sysconfig.get_paths()['stdlib']!r}"
+        docs = _stdlib_documents(data_cfg.path)
+        where = f"stdlib {sysconfig.get_paths()['stdlib']!r} (path {data_cfg.path!r})"
     elif data_cfg.source == "text":
-        docs, where = map(_read_text, _fixed_order(_resolve_paths(data_cfg.path))), repr(data_cfg.path)
+        paths = _fixed_order(_resolve_paths(data_cfg.path))
+        docs, where = map(_read_text, paths), repr(data_cfg.path)
     elif data_cfg.source == "jsonl":
         field = data_cfg.text_field
         rows = [r for p in _resolve_paths(data_cfg.path) for r in _read_jsonl(p, [field])]
         docs, where = (text for text, in _fixed_order(rows)), repr(data_cfg.path)
     else:
-        raise ValueError(f"data.source {data_cfg.source!r} is not a pretraining source "
-                         f"{_PRETRAIN_SOURCES} (for 'sft' use load_sft_pairs)")
+        hint = "use load_sft_pairs" if data_cfg.source == "sft" else f"one of {_SOURCES}"
+        raise ValueError(f"data.source {data_cfg.source!r}: not a pretraining source ({hint})")
     docs = list(itertools.islice(docs, data_cfg.max_documents or None))
     if not any(docs):
         raise ValueError(f"empty corpus: no non-empty documents in {where}")

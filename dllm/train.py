@@ -22,7 +22,7 @@ import optax
 from flax import struct
 from tqdm import tqdm
 
-from dllm import checkpoint, data, elbo, metrics, model as model_lib, sampling, sharding
+from dllm import checkpoint, convert, data, elbo, metrics, model as model_lib, sampling, sharding
 from dllm import tokenizer as tokenizer_lib
 
 Array = jax.Array
@@ -112,8 +112,16 @@ def evaluate_nelbo(eval_fn, params, dataset, mesh, rng, max_batches: int) -> flo
 
 def run_tokenizer(config, workdir: str):
     """The run's tokenizer: data.tokenizer if set; else the one of the run named by
-    init.checkpoint (copied into `workdir`, so ids stay the same across stages);
+    init.checkpoint (copied into `workdir`, so ids stay the same across stages); else
+    init.hf_dir's (special tokens it lacks appended; saved as workdir/tokenizer.json);
     else data.get_tokenizer (cached in `workdir`, trained on first use)."""
+    if config.init.checkpoint and config.init.hf_dir:
+        raise ValueError("config.init: set checkpoint or hf_dir, not both")
+    if not config.data.tokenizer and config.init.hf_dir:
+        tok = tokenizer_lib.HFTokenizer(config.init.hf_dir)
+        if jax.process_index() == 0:
+            tok.save(os.path.join(workdir, "tokenizer.json"))
+        return tok
     if not config.data.tokenizer and config.init.checkpoint:
         source = tokenizer_path(config.init.checkpoint)
         target = os.path.join(workdir, os.path.basename(source))
@@ -197,6 +205,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         state = state.replace(params=init.restore_params(abstract_like(state.params,
                                                                        state_sh.params)))
         init.close()
+    elif config.init.hf_dir:  # Hugging Face weights, read tensor by tensor into place
+        state = state.replace(params=convert.load_hf_params(config.init.hf_dir, model_cfg,
+                                                            state_sh.params))
 
     with sharding.activate(mesh, rules):
         step_fn = jit_train_step(make_train_step(stage_loss(config, model, tok.mask_id), tx),
@@ -222,16 +233,17 @@ def _loop(config, workdir, state, step_fn, eval_fn, train_iter, make_ds, ckpt, l
     start = int(state.step)
     bar = tqdm(total=tc.steps, initial=start, desc="train", dynamic_ncols=True,
                disable=jax.process_index() != 0)
-    t_last, steps_since = time.perf_counter(), 0
+    t_last, pending = time.perf_counter(), []   # device metrics since the last log
     for step in range(start + 1, tc.steps + 1):
         state, step_metrics = step_fn(state, sharding.global_batch(next(train_iter), mesh))
-        steps_since += 1
+        pending.append(step_metrics)
         bar.update(1)
         log_now = step % tc.log_every == 0 or step in (start + 1, tc.steps)
         save_now = step % config.checkpoint.every == 0 or step == tc.steps
         if not (log_now or save_now):
             continue
-        host = metrics.to_host(step_metrics)
+        # Logged values are means over the steps since the last log (one transfer).
+        host = metrics.to_host(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *pending))
         if not metrics.is_finite(host):
             ckpt.close()
             raise NonFiniteLossError(
@@ -239,15 +251,15 @@ def _loop(config, workdir, state, step_fn, eval_fn, train_iter, make_ds, ckpt, l
                 f"checkpoint (step {ckpt.latest_step()}) in {workdir}/checkpoints is intact.")
         if log_now:
             dt = time.perf_counter() - t_last
-            host.update(lr=float(lr(step - 1)), tokens_per_s=tokens_per_step * steps_since / dt,
-                        mfu=flops_per_step * steps_since / dt / ceiling)
+            host.update(lr=float(lr(step - 1)), tokens_per_s=tokens_per_step * len(pending) / dt,
+                        mfu=flops_per_step * len(pending) / dt / ceiling)
             if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
                 host["eval_nelbo"] = evaluate_nelbo(eval_fn, state.params, make_ds(split="eval"),
                                                     mesh, jax.random.PRNGKey(config.seed + 1),
                                                     tc.eval_batches)
             writer.write(step, host)
             bar.set_postfix(loss=f"{host['loss']:.3f}", acc=f"{host['accuracy']:.3f}")
-            t_last, steps_since = time.perf_counter(), 0
+            t_last, pending = time.perf_counter(), []
         if save_now:
             ckpt.save(step, state, train_iter.get_state(), force=step == tc.steps)
     bar.close()
