@@ -12,9 +12,11 @@ overhead_ratio = time(generate, S steps) / (S x time(one forward of the same bat
 speedup_threshold_cache = tokens/s(threshold + cache) / tokens/s(one per step)
 """
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
+import os
 import platform
 import subprocess
 import time
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dllm import model as model_lib
-from dllm import sampling, train
+from dllm import sample, sampling, train
 
 CODE_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef list_files(path):\n",
                 "class Stack:\n    def __init__(self):\n", "def parse_args(argv):\n"]
@@ -34,23 +36,28 @@ def cpu_name() -> str:
     out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     names = [line.split(":", 1)[1].strip() for line in out.splitlines()
              if line.startswith("Model name")]
-    return f"{names[0] if names else platform.processor()}, {jax.local_devices()[0].platform}"
+    name = names[0] if names else platform.processor()
+    return f"{name}, {os.cpu_count()} cores, {jax.local_devices()[0].platform}"
 
 
-def timed(fn, args, reps: int):
-    """(fastest of `reps` calls of jit(fn)(*args), compiled ahead; its output)."""
-    compiled = jax.jit(fn).lower(*args).compile()
-    times = []
+def interleaved_times(calls: dict, reps: int):
+    """Fastest time of each jit(fn)(*args) in `calls` {name: (fn, args)}, compiled
+    ahead and called in turn `reps` times (so that a shared machine's load falls on
+    all alike); and each one's output."""
+    compiled = {k: (jax.jit(fn).lower(*args).compile(), args) for k, (fn, args) in calls.items()}
+    best, outs = {k: float("inf") for k in calls}, {}
     for _ in range(reps):
-        t = time.perf_counter()
-        out = jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t)
-    return min(times), out
+        for k, (fn, args) in compiled.items():
+            t = time.perf_counter()
+            outs[k] = jax.block_until_ready(fn(*args))
+            best[k] = min(best[k], time.perf_counter() - t)
+    return best, outs
 
 
 def setup(name: str, batch: int, prompt_len: int, workdir: str | None):
-    """(model config, params, prompts [B, P], valid [B, P], mask_id) for a preset with
-    random weights, or for a trained run with left-padded code prompts."""
+    """(model, params, prompts [B, P], valid [B, P], mask_id) for a preset with random
+    weights and random prompts of prompt_len, or for a trained run with left-padded
+    code prompts."""
     if workdir is None:
         cfg = model_lib.ModelConfig(**model_lib.PRESETS[name])
         model = model_lib.Transformer(cfg)
@@ -59,23 +66,20 @@ def setup(name: str, batch: int, prompt_len: int, workdir: str | None):
         mask_id = cfg.vocab_size - 1
         prompts = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, mask_id)
         return model, params, prompts, jnp.ones(prompts.shape, bool), mask_id
-    config, model, params, tok = train.load_run(workdir)
-    rows = [tok.encode(CODE_PROMPTS[i % len(CODE_PROMPTS)])[-prompt_len:] for i in range(batch)]
-    prompts = np.full((batch, prompt_len), tok.pad_id, np.int32)
-    valid = np.zeros((batch, prompt_len), bool)
-    for i, row in enumerate(rows):
-        prompts[i, prompt_len - len(row):], valid[i, prompt_len - len(row):] = row, True
+    _, model, params, tok = train.load_run(workdir)
+    texts = [CODE_PROMPTS[i % len(CODE_PROMPTS)] for i in range(batch)]
+    prompts, valid = sample.build_prompts(tok, texts, "", 0)
     return model, params, jnp.asarray(prompts), jnp.asarray(valid), tok.mask_id
 
 
 def modes(n: int, block: int, alg: str) -> dict[str, sampling.SampleConfig]:
     base = sampling.SampleConfig(max_new_tokens=n, steps=n, alg=alg, schedule="even")
-    threshold = dict(block_length=block, parallel="threshold", threshold=0.9)
+    threshold = dataclasses.replace(base, block_length=block, parallel="threshold",
+                                    threshold=0.9)
     return {"one_per_step": base,
-            "block": sampling.SampleConfig(**{**vars(base), "block_length": block}),
-            "threshold": sampling.SampleConfig(**{**vars(base), **threshold}),
-            "threshold_cache": sampling.SampleConfig(**{**vars(base), **threshold,
-                                                        "cache": True})}
+            "block": dataclasses.replace(base, block_length=block),
+            "threshold": threshold,
+            "threshold_cache": dataclasses.replace(threshold, cache=True)}
 
 
 def bench(name, args, workdir=None) -> dict:
@@ -84,15 +88,17 @@ def bench(name, args, workdir=None) -> dict:
     n, b = args.new_tokens, args.batch
     canvas = jnp.concatenate([prompts, jnp.full((b, n), mask_id, prompts.dtype)], 1)
     canvas_valid = jnp.concatenate([valid, jnp.ones((b, n), bool)], 1)
-    t_forward, _ = timed(apply_fn, (params, canvas, canvas_valid), args.reps)
-    row = {"model": name, "batch": b, "new_tokens": n, "block_length": args.block,
-           "forward_s": t_forward, "modes": {}}
-    outs = {}
-    for mode, cfg in modes(n, args.block, args.alg).items():
+    configs = modes(n, args.block, args.alg)
+    calls = {"forward": (apply_fn, (params, canvas, canvas_valid))}
+    for mode, cfg in configs.items():
         run = functools.partial(sampling.generate, cfg=cfg, apply_fn=apply_fn, mask_id=mask_id,
                                 valid=valid)
-        t, outs[mode] = timed(run, (params, prompts, jax.random.key(0)), args.reps)
-        out = outs[mode]
+        calls[mode] = (run, (params, prompts, jax.random.key(0)))
+    times, outs = interleaved_times(calls, args.reps)
+    row = {"model": name, "batch": b, "new_tokens": n, "block_length": args.block,
+           "forward_s": times["forward"], "modes": {}}
+    for mode, cfg in configs.items():
+        t, out = times[mode], outs[mode]
         steps = float(np.mean(out.steps))
         row["modes"][mode] = {"seconds": t, "tokens_per_s": b * n / t,
                               "calls_per_token": steps / n,
@@ -101,11 +107,11 @@ def bench(name, args, workdir=None) -> dict:
         print(f"  {name:>8} {mode:>16}: {b * n / t:9.1f} tok/s  {steps / n:.3f} calls/token",
               flush=True)
     m = row["modes"]
-    row["overhead_ratio"] = m["one_per_step"]["seconds"] / (n * t_forward)
+    row["overhead_ratio"] = m["one_per_step"]["seconds"] / (n * times["forward"])
     row["speedup_threshold_cache"] = (m["threshold_cache"]["tokens_per_s"]
                                       / m["one_per_step"]["tokens_per_s"])
     row["speedup_threshold"] = m["threshold"]["tokens_per_s"] / m["one_per_step"]["tokens_per_s"]
-    gen = slice(args.prompt_len, None)
+    gen = slice(prompts.shape[1], None)
     row["cache_agreement"] = float(jnp.mean(outs["threshold_cache"].tokens[:, gen]
                                             == outs["threshold"].tokens[:, gen]))
     return row
