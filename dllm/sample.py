@@ -112,7 +112,8 @@ def order_plot(order: np.ndarray, path: str):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3 + 0.2 * len(order)))
     im = ax1.imshow(gen, aspect="auto", interpolation="nearest", cmap="viridis")
     fig.colorbar(im, ax=ax1, label="step unmasked")
-    ax1.set(xlabel="generated position", ylabel="sample", title="decoding order")
+    ax1.set(xlabel="generated position", ylabel="sample", title="decoding order",
+            yticks=range(len(order)))
     for row in gen:
         ax2.plot(np.flatnonzero(~np.ma.getmaskarray(row)), row.compressed(), ".", ms=3)
     ax2.set(xlabel="generated position", ylabel="step", title="step vs position")

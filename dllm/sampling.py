@@ -164,7 +164,7 @@ def _confidence(alg: str, logits: Array, z: Array, lse: Array, prob: Array, x0: 
 
 def _argmax(z: Array) -> Array:
     """argmax over the last axis (first of ties) as max + min-index reductions, which
-    XLA:CPU vectorises (its argmax reduction runs ~10x slower over a vocabulary)."""
+    XLA:CPU vectorises (its argmax reduction ran ~6x slower over a 2048 vocabulary)."""
     hit = z == jnp.max(z, -1, keepdims=True)
     return jnp.min(jnp.where(hit, jnp.arange(z.shape[-1]), z.shape[-1]), -1)
 

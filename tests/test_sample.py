@@ -29,6 +29,7 @@ def test_build_prompts_left_pads_and_places_the_hole(run_dir):
     assert "".join(sample.token_texts(tok, a)) == "def f(x):"
 
 
+@pytest.mark.slow
 def test_cli_samples_shows_and_plots(run_dir, tmp_path):
     plot = str(tmp_path / "order.png")
     args = [sys.executable, "-m", "dllm.sample", f"--workdir={run_dir}", "--prompt=def f(x):",
