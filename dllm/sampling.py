@@ -334,10 +334,10 @@ def _step(st: _State, params, rng, cfg: SampleConfig, apply_fn, valid, generated
 
     put = lambda x, new: update_rows(x, window_start, jnp.where(commit, new, at(x)))
     tokens = put(st.tokens, x0)
-    return _State(tokens=tokens, order=put(st.order, st.i), confidence=put(st.confidence, confidence),
-                  block=block, j=j + 1, done=_row_done(tokens, generated, mask_id, eos_id),
-                  steps=st.steps + active, i=st.i + 1, refreshes=st.refreshes + refreshed,
-                  cache=cache)
+    return _State(tokens=tokens, order=put(st.order, st.i),
+                  confidence=put(st.confidence, confidence), block=block, j=j + 1,
+                  done=_row_done(tokens, generated, mask_id, eos_id), steps=st.steps + active,
+                  i=st.i + 1, refreshes=st.refreshes + refreshed, cache=cache)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "apply_fn", "mask_id", "pad_id", "eos_id"))
