@@ -163,13 +163,13 @@ def _confidence(alg: str, logits: Array, z: Array, lse: Array, prob: Array, x0: 
 
 
 def _argmax(z: Array, z_max: Array | None = None) -> Array:
-    """argmax over the last axis (first of ties) as max + min-index reductions, which
-    XLA:CPU vectorises (its argmax reduction ran ~6x slower over a 2048 vocabulary).
-    z_max: max(z, -1) [..., ] if already at hand."""
+    """argmax over the last axis (first of ties) as a max and a min of float indices
+    (exact below 2^24), reductions XLA:CPU vectorises: 4x faster than its argmax
+    over [4, 272, 2048]. z_max: max(z, -1) if already at hand."""
     if z_max is None:
         z_max = jnp.max(z, -1)
-    hit = z == z_max[..., None]
-    return jnp.min(jnp.where(hit, jnp.arange(z.shape[-1]), z.shape[-1]), -1)
+    index = jnp.arange(z.shape[-1], dtype=jnp.float32)
+    return jnp.min(jnp.where(z == z_max[..., None], index, jnp.inf), -1).astype(jnp.int32)
 
 
 def _take(x: Array, idx: Array) -> Array:
