@@ -253,6 +253,15 @@ def sft_examples(tok: tokenizer_lib.Tokenizer, pairs: Sequence[tuple[str, str]],
 # ----------------------------------------------------------------------------- pipeline
 
 
+def batch_shapes(data_cfg: ml_collections.ConfigDict, batch_size: int) -> dict:
+    """{key: (shape, dtype)} of the batches `make_dataset` yields, without reading data
+    (for planning memory and compiling ahead of time)."""
+    keys = {"tokens": np.int32}
+    if data_cfg.source == "sft":
+        keys.update(prompt_mask=np.bool_, pad_mask=np.bool_)
+    return {k: ((batch_size, data_cfg.seq_len), np.dtype(t)) for k, t in keys.items()}
+
+
 class _Rows:
     """Random access to row i of every array: {key: arrays[key][i]}."""
 
