@@ -62,20 +62,22 @@ def initialize_distributed(dist_cfg) -> None:
         logging.info("no cluster environment detected: one process")
 
 
-def mesh_shape(sizes_cfg, num_devices: int, name: str = "config.mesh") -> tuple[int, int, int]:
-    """(data, fsdp, tensor) sizes from config; one size may be -1 (fills the rest)."""
+def mesh_shape(sizes_cfg, count: int, name: str = "config.mesh",
+               unit: str = "devices") -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes over `count` devices (or slices) from config; one
+    size may be -1 (fills the rest)."""
     sizes = [int(sizes_cfg[a]) for a in MESH_AXES]
     if sizes.count(-1) > 1:
         raise ValueError(f"{name}: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
-        if num_devices % known:
+        if count % known:
             raise ValueError(f"{name} {dict(zip(MESH_AXES, sizes))} does not divide "
-                             f"{num_devices} devices")
-        sizes[sizes.index(-1)] = num_devices // known
-    if int(np.prod(sizes)) != num_devices:
+                             f"{count} {unit}")
+        sizes[sizes.index(-1)] = count // known
+    if int(np.prod(sizes)) != count:
         raise ValueError(f"{name} {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} "
-                         f"devices, {num_devices} available")
+                         f"{unit}, {count} available")
     return tuple(sizes)
 
 
@@ -85,19 +87,18 @@ def device_grid(mesh_cfg, devices) -> np.ndarray:
     `mesh_cfg.data/fsdp/tensor` are the sizes within a slice (ICI); `mesh_cfg.dcn`
     (optional, same keys, default all 1) are the sizes across slices (DCN), so an
     axis spans ici x dcn devices. Slices are the devices' `slice_index` (TPU
-    multi-slice), or processes where devices have none (GPU / CPU hosts).
+    multi-slice), or processes where all devices are in one slice (GPU / CPU hosts).
     """
     dcn_cfg = mesh_cfg.get("dcn", None) or {a: 1 for a in MESH_AXES}
     if all(int(dcn_cfg[a]) == 1 for a in MESH_AXES):   # one slice: one topology-aware grid
         return mesh_utils.create_device_mesh(mesh_shape(mesh_cfg, len(devices)), devices,
                                              allow_split_physical_axes=True)
-    granule = "slice_index" if hasattr(devices[0], "slice_index") else "process_index"
-    num_slices = len({getattr(d, granule) for d in devices})
-    dcn = mesh_shape(dcn_cfg, num_slices, f"config.mesh.dcn ({num_slices} slices)")
+    by_process = len({getattr(d, "slice_index", 0) for d in devices}) == 1
+    num_slices = len({d.process_index if by_process else d.slice_index for d in devices})
+    dcn = mesh_shape(dcn_cfg, num_slices, "config.mesh.dcn", "slices")
     ici = mesh_shape(mesh_cfg, len(devices) // num_slices, "config.mesh (per slice)")
-    return mesh_utils.create_hybrid_device_mesh(
-        ici, dcn, devices, process_is_granule=granule == "process_index",
-        allow_split_physical_axes=True)
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process,
+                                                allow_split_physical_axes=True)
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
