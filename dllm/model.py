@@ -36,6 +36,29 @@ PRESETS: dict[str, dict[str, Any]] = {
     "7b": dict(vocab_size=152064, hidden=3584, layers=28, heads=28, kv_heads=4,
                head_dim=128, mlp=18944, rope_theta=1e6, rms_eps=1e-6,
                tie_embeddings=False),
+    # Released checkpoints, as in their config.json (dllm.convert reads those directly;
+    # these let a config name the shape). Qwen2.5-Coder is causal (Stage 1 adapts it to
+    # bidirectional); Dream and DiffuCoder are bidirectional; all shift logits.
+    # Sources: apple/DiffuCoder-7B-Instruct config.json on huggingface.co; Qwen2.5-Coder
+    # 0.5B / 1.5B / 7B: config.json copies in repos naming Qwen/Qwen2.5-Coder-* as their
+    # _name_or_path (the Qwen/ originals were not in the search index); Dream-v0-Base-7B:
+    # its config.json was not found, the values are its model card's (Qwen2.5-7B based,
+    # 7.62B parameters) and a Dream-architecture config.json of the same family.
+    "qwen2.5-coder-0.5b": dict(vocab_size=151936, hidden=896, layers=24, heads=14,
+                               kv_heads=2, head_dim=64, mlp=4864, rope_theta=1e6,
+                               rms_eps=1e-6, tie_embeddings=True, causal=True),
+    "qwen2.5-coder-1.5b": dict(vocab_size=151936, hidden=1536, layers=28, heads=12,
+                               kv_heads=2, head_dim=128, mlp=8960, rope_theta=1e6,
+                               rms_eps=1e-6, tie_embeddings=True, causal=True),
+    "qwen2.5-coder-7b": dict(vocab_size=152064, hidden=3584, layers=28, heads=28, kv_heads=4,
+                             head_dim=128, mlp=18944, rope_theta=1e6, rms_eps=1e-6,
+                             tie_embeddings=False, causal=True),
+    "dream-7b": dict(vocab_size=152064, hidden=3584, layers=28, heads=28, kv_heads=4,
+                     head_dim=128, mlp=18944, rope_theta=1e6, rms_eps=1e-6,
+                     tie_embeddings=False),
+    "diffucoder-7b": dict(vocab_size=152064, hidden=3584, layers=28, heads=28, kv_heads=4,
+                          head_dim=128, mlp=18944, rope_theta=1e6, rms_eps=1e-6,
+                          tie_embeddings=False),
 }
 
 

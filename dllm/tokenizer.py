@@ -15,12 +15,15 @@ chat markers as single ids. `decode` drops nothing: special tokens are rendered 
 their names, so `decode(encode(text)) == text` for every string.
 """
 import abc
+import json
 import os
 import uuid
 from typing import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
+import tokenizers
+from tokenizers import decoders, normalizers, pre_tokenizers
 
 MASK = "<|mask|>"
 PAD = "<|dlm_pad|>"
@@ -202,8 +205,93 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_path: str, *,
     return SentencePieceTokenizer(out_path)
 
 
+# Qwen2's pre-tokenizer split (as in its tokenizer.json), for directories that ship only
+# vocab.json + merges.txt (Dream / DiffuCoder releases).
+_QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+                r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# Order in which missing specials are appended: on Qwen2.5's 151665 ids this gives
+# DiffuCoder's <|beginoftext|> 151665, <|mask|> 151666, <|dlm_pad|> 151667.
+_ADD_ORDER = (BOS, MASK, PAD, EOS, IM_START, IM_END)
+
+
+def _qwen2_from_vocab_merges(directory: str):
+    """A `tokenizers.Tokenizer` rebuilt from vocab.json + merges.txt the way Qwen2's
+    tokenizer is (byte-level BPE, NFC, Qwen2 split), with added_tokens.json's tokens."""
+    bpe = tokenizers.models.BPE.from_file(os.path.join(directory, "vocab.json"),
+                                          os.path.join(directory, "merges.txt"))
+    tok = tokenizers.Tokenizer(bpe)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(_QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    added_path = os.path.join(directory, "added_tokens.json")
+    if os.path.exists(added_path):
+        with open(added_path) as f:
+            added = sorted(json.load(f).items(), key=lambda kv: kv[1])
+        for name, want in added:
+            tok.add_special_tokens([tokenizers.AddedToken(name, special=True, normalized=False)])
+            if tok.token_to_id(name) != want:
+                raise ValueError(f"{added_path}: {name!r} should have id {want} but ids are not "
+                                 f"contiguous after vocab.json (got {tok.token_to_id(name)})")
+    return tok
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers` tokenizer: tokenizer.json, or a model directory holding
+    one (or only vocab.json + merges.txt, rebuilt as Qwen2's byte-level BPE).
+
+    Special tokens the file lacks (an AR Qwen2.5-Coder has no <|mask|>) are appended
+    after its last id, in DiffuCoder's order; `save` writes the result, so a run keeps
+    its ids. Qwen2 tokenizers NFC-normalise, so text round-trips byte for byte when it is
+    NFC (ASCII code always is).
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        json_path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if os.path.isfile(json_path):
+            self._tok = tokenizers.Tokenizer.from_file(json_path)
+        elif os.path.isfile(os.path.join(path, "vocab.json")):
+            self._tok = _qwen2_from_vocab_merges(path)
+        else:
+            raise FileNotFoundError(f"tokenizer {path!r}: no tokenizer.json (nor vocab.json + "
+                                    "merges.txt)")
+        missing = [name for name in _ADD_ORDER if self._tok.token_to_id(name) is None]
+        self._tok.add_special_tokens(
+            [tokenizers.AddedToken(name, special=True, normalized=False) for name in missing])
+        self.added = missing
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, name: str) -> int:
+        i = self._tok.token_to_id(name)
+        if i is None:
+            raise KeyError(f"{name!r} is not a token of {self.path!r}")
+        return i
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def save(self, path: str):
+        """Writes tokenizer.json (with any appended special tokens) to `path`."""
+        self._tok.save(path)
+
+
 def load_tokenizer(path: str) -> Tokenizer:
-    """Loads a tokenizer by file type: .model (sentencepiece)."""
+    """Loads a tokenizer by file type: .model (sentencepiece); tokenizer.json or a Hugging
+    Face model directory (HFTokenizer)."""
     if path.endswith(".model"):
         return SentencePieceTokenizer(path)
-    raise ValueError(f"tokenizer {path!r}: unknown file type (supported: .model)")
+    if path.endswith(".json") or os.path.isdir(path):
+        return HFTokenizer(path)
+    raise ValueError(f"tokenizer {path!r}: unknown file type (supported: .model, "
+                     "tokenizer.json, a Hugging Face model directory)")

@@ -22,7 +22,7 @@ import optax
 from flax import struct
 from tqdm import tqdm
 
-from dllm import checkpoint, data, elbo, metrics, model as model_lib, sampling, sharding
+from dllm import checkpoint, convert, data, elbo, metrics, model as model_lib, sampling, sharding
 from dllm import tokenizer as tokenizer_lib
 
 Array = jax.Array
@@ -126,8 +126,16 @@ def evaluate_nelbo(eval_fn, params, dataset, mesh, rng, max_batches: int) -> flo
 
 def run_tokenizer(config, workdir: str):
     """The run's tokenizer: data.tokenizer if set; else the one of the run named by
-    init.checkpoint (copied into `workdir`, so ids stay the same across stages);
+    init.checkpoint (copied into `workdir`, so ids stay the same across stages); else
+    init.hf_dir's (special tokens it lacks appended; saved as workdir/tokenizer.json);
     else data.get_tokenizer (cached in `workdir`, trained on first use)."""
+    if config.init.checkpoint and config.init.hf_dir:
+        raise ValueError("config.init: set checkpoint or hf_dir, not both")
+    if not config.data.tokenizer and config.init.hf_dir:
+        tok = tokenizer_lib.HFTokenizer(config.init.hf_dir)
+        if jax.process_index() == 0:
+            tok.save(os.path.join(workdir, "tokenizer.json"))
+        return tok
     if not config.data.tokenizer and config.init.checkpoint:
         source = tokenizer_path(config.init.checkpoint)
         target = os.path.join(workdir, os.path.basename(source))
@@ -216,6 +224,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                                            1, None)
             state = state.replace(params=init.restore_params(abstract.params))
             init.close()
+        elif config.init.hf_dir:  # Hugging Face weights, read tensor by tensor into place
+            state = state.replace(params=convert.load_hf_params(config.init.hf_dir, model_cfg,
+                                                                state_sh.params))
 
     with sharding.activate(mesh, rules), checkpoint.catch_sigterm():
         step_fn = jit_train_step(make_train_step(stage_loss(config, model, tok.mask_id), tx),

@@ -15,10 +15,11 @@ from dllm.config import base_config
 def get_config(arg: str = "tiny"):
     if arg == "tiny":
         c = base_config("tiny")
-        c.data.update(source="stdlib", seq_len=128, vocab_size=2048,
+        c.model.vocab_size = 512
+        c.data.update(source="stdlib", seq_len=128, vocab_size=512,
                       path="json/*.py,email/*.py,asyncio/*.py,collections/*.py")
-        c.train.update(steps=300, batch_size=32, lr=1e-3, warmup_steps=30, log_every=50,
-                       eval_every=300)
+        c.train.update(steps=300, batch_size=16, lr=1e-3, b2=0.98, warmup_steps=30,
+                       log_every=50, eval_every=300)
         c.checkpoint.update(every=100, keep=2)
         c.init.checkpoint = "runs/pretrain"
         return c

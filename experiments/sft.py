@@ -14,10 +14,11 @@ from dllm.config import base_config
 def get_config(arg: str = "tiny"):
     if arg == "tiny":
         c = base_config("tiny")
+        c.model.vocab_size = 512
         c.data.update(source="sft", path="experiments/data/sft_tiny.jsonl", seq_len=128,
-                      vocab_size=1024, eval_fraction=0.05)
-        c.train.update(steps=300, batch_size=16, lr=2e-3, warmup_steps=30, log_every=50,
-                       eval_every=300)
+                      vocab_size=512, eval_fraction=0.05)
+        c.train.update(steps=300, batch_size=16, lr=2e-3, b2=0.98, warmup_steps=30,
+                       log_every=50, eval_every=300)
         c.checkpoint.update(every=100, keep=2)
         c.sample.prompt = "<|im_start|>user\nWrite a function that adds two numbers.<|im_end|>\n<|im_start|>assistant\n"
         return c

