@@ -24,7 +24,8 @@ def catch_sigterm():
     """Within: SIGTERM sets a flag (read by `Checkpointer.reached_preemption`) instead
     of killing the process. Under jax.distributed, JAX's preemption service catches it
     instead and agrees on a step with the other processes, so nothing is installed."""
-    if jax.distributed.is_initialized() or threading.current_thread() is not threading.main_thread():
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal needs it
+    if jax.distributed.is_initialized() or not in_main_thread:
         yield
         return
     _SIGTERM.clear()
@@ -74,7 +75,9 @@ class Checkpointer:
         return restored["state"]["params"]
 
     def save(self, step: int, state, data_state: dict | None, force: bool = False) -> bool:
-        """Save if `step` is on the interval (or `force`); returns whether it saved."""
+        """Save if `step` is on the interval (or `force`); returns whether it saved.
+        Every process writes its shards of `state`; process 0 writes `data_state`,
+        which holds for all (their iterators are at the same position: data.make_dataset)."""
         return self.manager.save(step, force=force, args=ocp.args.Composite(
             state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state or {})))
 

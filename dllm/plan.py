@@ -1,6 +1,6 @@
 """Memory plan of a training step, without the hardware.
 
-    python -m dllm.plan --config=experiments/pretrain.py:7b --mesh=fsdp:32 --hbm_gib=95
+    python -m dllm.plan --config=experiments/pretrain.py:7b --mesh=fsdp:32 --hbm_gb=95
     python -m dllm.plan --config=experiments/sft.py:7b --mesh=fsdp:8,tensor:2 --remat=none,full,dots
 
 Lowers and compiles the real train step (the config's model, optimizer, loss, batch
@@ -9,7 +9,8 @@ arrays (`jax.ShapeDtypeStruct`s carrying shardings: no parameter is ever allocat
 as MaxText's ahead-of-time check does, and prints per-device bytes: parameters,
 optimizer state and batch (from their shardings), XLA's temporaries (activations
 kept for the backward pass, gradients, collectives' buffers) and the total
-(arguments + outputs - donated + temporaries). One row per remat policy asked for.
+(arguments + outputs - donated + temporaries), in GB (10^9 bytes, the unit chip specs
+quote HBM in). One row per remat policy asked for.
 
 The CPU compiler's temporaries are an estimate for a TPU: the TPU compiler fuses and
 lays out differently (usually tighter), so leave a margin.
@@ -31,11 +32,12 @@ _MESH = flags.DEFINE_string("mesh", "", "Mesh sizes, e.g. 'fsdp:32' or 'data:2,f
                             "(axes not named are 1); default: the config's mesh.")
 _REMAT = flags.DEFINE_list("remat", [], "Remat policies to compare (none, full, dots); "
                            "default: the config's model.remat.")
-_HBM = flags.DEFINE_float("hbm_gib", 0.0, "Memory per device (GiB) to check the total against.")
+_HBM = flags.DEFINE_float("hbm_gb", 0.0, "Memory per device (GB = 1e9 bytes, as in chip specs) "
+                          "to check the total against.")
 _JSON = flags.DEFINE_string("json", None, "Write the rows here as JSON.")
 flags.mark_flags_as_required(["config"])
 
-GiB = 2 ** 30
+GB = 10 ** 9
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
@@ -96,19 +98,19 @@ def plan(config, devices) -> dict:
             "alias": mem.alias_size_in_bytes}
 
 
-def format_rows(rows: list[dict], hbm_gib: float = 0.0) -> str:
-    """The plan as a table, per device, in GiB (MiB when every total is under 1 GiB)."""
-    unit, scale = ("GiB", GiB) if max(r["total"] for r in rows) >= GiB else ("MiB", 2 ** 20)
+def format_rows(rows: list[dict], hbm_gb: float = 0.0) -> str:
+    """The plan as a table, per device, in GB (MB when every total is under 1 GB)."""
+    unit, scale = ("GB", GB) if max(r["total"] for r in rows) >= GB else ("MB", 10 ** 6)
     keys = ("params", "opt_state", "batch", "temp", "total")
     lines = [f"{'mesh':>24} {'remat':>5} {'B/dev':>5} "
              + " ".join(f"{k.split('_')[0]:>9}" for k in keys)
-             + ("  fits" if hbm_gib else "") + f"    ({unit} per device)"]
+             + ("  fits" if hbm_gb else "") + f"    ({unit} per device)"]
     for r in rows:
         mesh = ",".join(f"{a}:{n}" for a, n in r["mesh"].items())
         line = (f"{mesh:>24} {r['remat']:>5} {r['batch_per_device']:>5} "
                 + " ".join(f"{r[k] / scale:9.2f}" for k in keys))
-        if hbm_gib:
-            line += f"  {'yes' if r['total'] <= hbm_gib * GiB else 'NO'}"
+        if hbm_gb:
+            line += f"  {'yes' if r['total'] <= hbm_gb * GB else 'NO'}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -134,7 +136,7 @@ def main(argv):
             config.model.remat = remat
         rows.append(plan(config, jax.devices()))
     print(f"{rows[0]['params_count'] / 1e6:.1f}M parameters, seq_len {rows[0]['seq_len']}"
-          + (f", {_HBM.value:g} GiB per device" if _HBM.value else ""))
+          + (f", {_HBM.value:g} GB per device" if _HBM.value else ""))
     print(format_rows(rows, _HBM.value))
     if _JSON.value:
         with open(_JSON.value, "w") as f:

@@ -56,7 +56,7 @@ def test_cli_shows_the_effect_of_remat(tmp_path):
     env = {**os.environ, "PYTHONPATH": runs.ROOT}
     proc = subprocess.run(
         [sys.executable, "-m", "dllm.plan", "--config=tests/tiny_config.py", "--mesh=fsdp:2",
-         "--remat=none,full", "--hbm_gib=16", f"--json={out}"],
+         "--remat=none,full", "--hbm_gb=16", f"--json={out}"],
         cwd=runs.ROOT, env=env, capture_output=True, text=True, timeout=runs.TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fits" in proc.stdout and "fsdp:2" in proc.stdout
