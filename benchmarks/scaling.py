@@ -22,10 +22,8 @@ import glob
 import json
 import os
 import re
-import statistics
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.train_step import device_name  # noqa: E402
+from benchmarks.train_step import device_name, time_steps  # noqa: E402
 from dllm import config as config_lib, metrics, model as model_lib, sharding, train  # noqa: E402
 
 # (preset, global batch, sequence length): batches divide 8 devices.
@@ -91,17 +89,9 @@ def comm_share(step, state, data, names: set[str]) -> tuple[float, object]:
 
 def bench(preset: str, n: int, axis: str, steps: int, dtype: str) -> dict:
     step, state, data = build_step(preset, n, axis, dtype)
-    state, m = step(state, data)                  # warm-up
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, m = step(state, data)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
+    step_s, state = time_steps(step, state, data, steps)
     share, state = comm_share(step, state, data, op_names(step))
     batch, seq = SHAPES[preset]
-    step_s = statistics.median(times)
     return {"preset": preset, "devices": n, "axis": axis, "batch": batch, "seq_len": seq,
             "step_s": step_s, "tokens_per_s_per_device": batch * seq / step_s / n,
             "comm_share": share}

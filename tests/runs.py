@@ -44,6 +44,18 @@ class TinyRuns:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+def launch_pair(tiny: TinyRuns, name: str) -> list[subprocess.Popen]:
+    """The run in two processes (2 CPU devices each) joined over a loopback coordinator;
+    the mesh treats each process as a slice (fsdp 2 across the "DCN", tensor 2 within
+    a process), as on a multi-slice pod."""
+    address = f"127.0.0.1:{free_port()}"
+    return [tiny.launch(
+        name, f"--config.distributed.coordinator_address={address}",
+        "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+        "--config.distributed.timeout_s=120", "--config.mesh.data=1", "--config.mesh.fsdp=1",
+        "--config.mesh.tensor=2", "--config.mesh.dcn.fsdp=2", devices=2) for i in range(2)]
+
+
 def finish(proc: subprocess.Popen) -> int:
     """Waits for `proc` (killing it after TIMEOUT_S); returns its exit code."""
     try:

@@ -107,3 +107,18 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_0(tiny_runs):
     assert f"preempted: saved step {saved} " in runs.read_logs(workdir)
     assert saved < tiny_config.get_config().train.steps
     _resume_and_compare(tiny_runs, "preempted", saved)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tiny_runs):
+    """JAX's preemption service spreads the notice: both processes save one step
+    together (each its own shards) and exit 0."""
+    procs = runs.launch_pair(tiny_runs, "pair_preempted")
+    workdir = tiny_runs.workdir("pair_preempted")
+    runs.wait_for(procs[0], workdir, "metrics.jsonl")
+    procs[1].send_signal(signal.SIGTERM)
+    assert [runs.finish(p) for p in procs] == [0, 0], runs.read_logs(workdir)
+    saved = runs.checkpoint_steps(workdir)
+    assert len(saved) == 1 and saved[0] < tiny_config.get_config().train.steps
+    logs = [open(os.path.join(workdir, f"log.{i}.txt")).read() for i in range(2)]
+    assert all(f"preempted: saved step {saved[0]} " in log for log in logs), logs

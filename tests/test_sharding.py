@@ -102,16 +102,7 @@ def test_data_fsdp_tensor_mesh_matches_one_device():
 
 @pytest.fixture(scope="module")
 def two_processes(tiny_runs):
-    """The tiny run in two processes (2 CPU devices each), joined over a loopback
-    coordinator; the mesh treats each process as a slice (fsdp 2 across the "DCN",
-    tensor 2 within a process), as on a multi-slice pod."""
-    address = f"127.0.0.1:{runs.free_port()}"
-    procs = [tiny_runs.launch(
-        "pair", f"--config.distributed.coordinator_address={address}",
-        "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-        "--config.distributed.timeout_s=120", "--config.mesh.data=1", "--config.mesh.fsdp=1",
-        "--config.mesh.tensor=2", "--config.mesh.dcn.fsdp=2", devices=2) for i in range(2)]
-    codes = [runs.finish(p) for p in procs]
+    codes = [runs.finish(p) for p in runs.launch_pair(tiny_runs, "pair")]
     assert codes == [0, 0], runs.read_logs(tiny_runs.workdir("pair"))
     return tiny_runs.workdir("reference"), tiny_runs.workdir("pair")
 
