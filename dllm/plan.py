@@ -74,9 +74,10 @@ def plan(config, devices) -> dict:
     model = model_lib.Transformer(model_cfg)
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.rules_from_config(config.mesh)
-    if config.train.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    replicas = mesh.shape["data"] * mesh.shape["fsdp"]      # the batch is split over these
+    if config.train.batch_size % replicas:
         raise ValueError(f"train.batch_size={config.train.batch_size} does not split over "
-                         f"data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']} devices")
+                         f"data x fsdp = {replicas} devices")
     tx, _ = train.make_optimizer(config.train)
     state, state_sh = train.abstract_state(model, tx, mesh, rules)
     batch = abstract_batch(config, mesh)
@@ -87,10 +88,9 @@ def plan(config, devices) -> dict:
         mem = step.lower(state, batch).compile().memory_analysis()
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
              + mem.temp_size_in_bytes)
-    batch_per_device = config.train.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
     return {"mesh": dict(mesh.shape), "remat": model_cfg.remat,
             "params_count": model_lib.param_count(model_cfg), "seq_len": config.data.seq_len,
-            "batch_per_device": batch_per_device,
+            "batch_per_device": config.train.batch_size // replicas,
             "params": per_device_bytes(state.params),
             "opt_state": per_device_bytes(state.opt_state), "batch": per_device_bytes(batch),
             "temp": mem.temp_size_in_bytes, "total": total,
@@ -119,22 +119,26 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
-    with config.unlocked():
-        if _MESH.value:
-            config.mesh.update(parse_mesh(_MESH.value))
-        config.mesh.dcn = dict.fromkeys(sharding.MESH_AXES, 1)  # one flat mesh of fake devices
-    sizes = [config.mesh[a] for a in sharding.MESH_AXES]
-    if -1 in sizes:
-        raise app.UsageError(f"the config's mesh {dict(zip(sharding.MESH_AXES, sizes))} has a -1: "
-                             "give every size with --mesh, e.g. --mesh=fsdp:32")
+    dcn = config.mesh.get("dcn", None) or {}
+    sizes = parse_mesh(_MESH.value) if _MESH.value else {  # the whole axis: within x across slices
+        a: config.mesh[a] * dcn.get(a, 1) for a in sharding.MESH_AXES}
+    if min(sizes.values()) < 1:
+        ici = {a: config.mesh[a] for a in sharding.MESH_AXES}
+        raise app.UsageError(f"the config's mesh {ici} has a -1: give every size with --mesh, "
+                             "e.g. --mesh=fsdp:32")
+    with config.unlocked():  # one flat mesh of fake devices: memory does not depend on slices
+        config.mesh.update(sizes, dcn=dict.fromkeys(sharding.MESH_AXES, 1))
     # Before anything touches a device: that many fake CPU devices.
     jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", int(np.prod(sizes)))
+    jax.config.update("jax_num_cpu_devices", int(np.prod(list(sizes.values()))))
     rows = []
     for remat in _REMAT.value or [config.model.remat]:
         with config.unlocked():
             config.model.remat = remat
-        rows.append(plan(config, jax.devices()))
+        try:
+            rows.append(plan(config, jax.devices()))
+        except ValueError as e:  # a mesh that does not fit the config: say so, no traceback
+            raise app.UsageError(str(e)) from None
     print(f"{rows[0]['params_count'] / 1e6:.1f}M parameters, seq_len {rows[0]['seq_len']}"
           + (f", {_HBM.value:g} GB per device" if _HBM.value else ""))
     print(format_rows(rows, _HBM.value))
