@@ -257,17 +257,18 @@ def _loop(config, workdir, state, step_fn, eval_fn, train_iter, make_ds, ckpt, l
     start = int(state.step)
     bar = tqdm(total=tc.steps, initial=start, desc="train", dynamic_ncols=True,
                disable=jax.process_index() != 0)
-    t_last, steps_since = time.perf_counter(), 0
+    t_last, pending = time.perf_counter(), []   # device metrics since the last log
     for step in range(start + 1, tc.steps + 1):
         state, step_metrics = step_fn(state, sharding.global_batch(next(train_iter), mesh))
-        steps_since += 1
+        pending.append(step_metrics)
         bar.update(1)
         log_now = step % tc.log_every == 0 or step in (start + 1, tc.steps)
         preempted = ckpt.reached_preemption(step)
         save_now = step % config.checkpoint.every == 0 or step == tc.steps or preempted
         if not (log_now or save_now):
             continue
-        host = metrics.to_host(step_metrics)
+        # Logged values are means over the steps since the last log (one transfer).
+        host = metrics.to_host(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *pending))
         if not metrics.is_finite(host):
             ckpt.close()
             raise NonFiniteLossError(
@@ -275,15 +276,15 @@ def _loop(config, workdir, state, step_fn, eval_fn, train_iter, make_ds, ckpt, l
                 f"checkpoint (step {ckpt.latest_step()}) in {workdir}/checkpoints is intact.")
         if log_now:
             dt = time.perf_counter() - t_last
-            host.update(lr=float(lr(step - 1)), tokens_per_s=tokens_per_step * steps_since / dt,
-                        mfu=flops_per_step * steps_since / dt / ceiling)
+            host.update(lr=float(lr(step - 1)), tokens_per_s=tokens_per_step * len(pending) / dt,
+                        mfu=flops_per_step * len(pending) / dt / ceiling)
             if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
                 host["eval_nelbo"] = evaluate_nelbo(eval_fn, state.params, make_ds(split="eval"),
                                                     mesh, jax.random.PRNGKey(config.seed + 1),
                                                     tc.eval_batches)
             writer.write(step, host)
             bar.set_postfix(loss=f"{host['loss']:.3f}", acc=f"{host['accuracy']:.3f}")
-            t_last, steps_since = time.perf_counter(), 0
+            t_last, pending = time.perf_counter(), []
         if save_now:
             ckpt.save(step, state, train_iter.get_state(), force=step == tc.steps or preempted)
         if preempted:
