@@ -13,11 +13,17 @@ onto a device mesh.
     model = Transformer(ModelConfig(**PRESETS["tiny"]))
     params = model.init(rng, tokens)["params"]
     logits = model.apply({"params": params}, tokens)        # [B, S, V] float32
+
+Decoding with a KV cache (Fast-dLLM's approximation, used by `dllm.sampling`): a
+full call with `return_kv=True` also returns every layer's keys and values; a later
+call on a window of the canvas (`cache=kv, window_start=start`) computes only the
+window's tokens, which attend to their own fresh K/V and to the cached K/V of every
+other position.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -137,6 +143,25 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
     return 3 * forward if training else forward
 
 
+def slice_rows(x: Array, start: Array, width: int) -> Array:
+    """x[b, start[b] : start[b] + width] for each row: [B, S, ...] -> [B, width, ...]."""
+    return jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, width))(x, start)
+
+
+def update_rows(x: Array, start: Array, new: Array) -> Array:
+    """x with x[b, start[b] : start[b] + W] = new[b] for each row (new: [B, W, ...])."""
+    return jax.vmap(lambda row, s, n: jax.lax.dynamic_update_slice_in_dim(row, n, s, 0))(
+        x, start, new.astype(x.dtype))
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer (RoPE applied) for a canvas of S positions.
+    k, v: [L, B, S, kv_heads, head_dim]; valid: [B, S] bool (False = padding)."""
+    k: Array
+    v: Array
+    valid: Array
+
+
 # ----------------------------------------------------------------------------- layers
 
 class Projection(nn.Module):
@@ -189,11 +214,14 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
     return out.astype(x.dtype)
 
 
-def attention_mask(valid: Array, lookahead) -> Array:
-    """[B, 1, S, S] bool: query i sees key j iff both are valid tokens and
+def attention_mask(valid: Array, lookahead, key_valid: Array | None = None) -> Array:
+    """[B, 1, S, K] bool: query i sees key j iff both are valid tokens and
     j <= i + lookahead. lookahead None = bidirectional, 0 = causal; values in
-    between anneal causal -> full (may be a traced scalar)."""
-    mask = valid[:, None, :, None] & valid[:, None, None, :]
+    between anneal causal -> full (may be a traced scalar). key_valid [B, K]: the
+    keys' validity when they are not the queries (a window call; bidirectional)."""
+    if key_valid is None:
+        key_valid = valid
+    mask = valid[:, None, :, None] & key_valid[:, None, None, :]
     if lookahead is not None:
         s = valid.shape[1]
         i = jnp.arange(s)[:, None]
@@ -206,7 +234,10 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, cached=None):
+        """x: [B, W, E]. cached: None, or (k, v, start) for a window call: this
+        layer's canvas K/V [B, S, kv_heads, D] and the window's first canvas index
+        [B]. Returns (output [B, W, E], this call's (k, v))."""
         cfg = self.cfg
         e = (cfg.hidden,)
         q = Projection(e, (cfg.heads, cfg.head_dim), ("embed", "heads", "head_dim"), cfg,
@@ -218,11 +249,16 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(rope(q, positions, cfg.rope_theta),
                                        ("batch", "length", "act_heads", "head_dim"))
         k = rope(k, positions, cfg.rope_theta)
+        fresh = (k, v)
+        if cached is not None:  # the window's fresh K/V replace the cached ones there
+            cache_k, cache_v, start = cached
+            k, v = update_rows(cache_k, start, k), update_rows(cache_v, start, v)
         # GQA: jax.nn.dot_product_attention repeats the K/V heads itself.
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)           # [B, S, H, D]
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)           # [B, W, H, D]
         out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", "head_dim"))
-        return Projection((cfg.heads, cfg.head_dim), (cfg.hidden,),
-                          ("heads", "head_dim", "embed"), cfg, name="o")(out)
+        out = Projection((cfg.heads, cfg.head_dim), (cfg.hidden,),
+                         ("heads", "head_dim", "embed"), cfg, name="o")(out)
+        return out, fresh
 
 
 class MLP(nn.Module):
@@ -239,19 +275,22 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm decoder block; scanned over layers (carry = residual stream)."""
+    """Pre-norm decoder block; scanned over layers (carry = residual stream; the
+    per-layer output is this layer's (k, v) when `return_kv`, else None)."""
     cfg: ModelConfig
+    return_kv: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, cached_kv, window_start):
         cfg = self.cfg
         pd = jnp.dtype(cfg.param_dtype)
-        h = Attention(cfg, name="attn")(RMSNorm(cfg.rms_eps, pd, name="attn_norm")(x),
-                                        positions, mask)
+        cached = None if cached_kv is None else (*cached_kv, window_start)
+        h, kv = Attention(cfg, name="attn")(RMSNorm(cfg.rms_eps, pd, name="attn_norm")(x),
+                                            positions, mask, cached)
         x = x + h
         x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_eps, pd, name="mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        return x, None
+        return x, (kv if self.return_kv else None)
 
 
 _REMAT_POLICIES = {
@@ -265,21 +304,39 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: Array, valid: Array | None = None,
-                 positions: Array | None = None, lookahead="default") -> Array:
+                 positions: Array | None = None, lookahead="default",
+                 cache: KVCache | None = None, window_start: Array | None = None,
+                 return_kv: bool = False):
         """tokens: [B, S] int; valid: [B, S] bool (False = padding, excluded from
         attention; default all True); positions: [B, S] int (default cumsum(valid)-1,
         so the first real token of a left-padded row has position 0); lookahead:
         None (bidirectional), 0 (causal) or an int / traced scalar in between;
         "default" = the config's `causal`. Returns logits [B, S, V] float32, shifted
-        (position i predicts token i) when cfg.shift_logits."""
+        (position i predicts token i) when cfg.shift_logits.
+
+        Window call: `cache` holds the K/V of a whole canvas [B, S_c] and `tokens`
+        are its positions window_start[b] ... window_start[b] + S - 1 ([B] int; the
+        logits shift stays within the window); `valid` and `positions` default to
+        the canvas's there; attention is bidirectional. With `return_kv`, returns
+        (logits, KVCache of this call's tokens)."""
         cfg = self.cfg
-        if valid is None:
-            valid = jnp.ones(tokens.shape, bool)
-        if positions is None:
-            positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
         if isinstance(lookahead, str):
             lookahead = 0 if cfg.causal else None
-        mask = attention_mask(valid, lookahead)
+        if cache is None:
+            if valid is None:
+                valid = jnp.ones(tokens.shape, bool)
+            if positions is None:
+                positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+            mask = attention_mask(valid, lookahead)
+        else:
+            if lookahead is not None:
+                raise ValueError("a window call with a KV cache is bidirectional only")
+            if valid is None:
+                valid = slice_rows(cache.valid, window_start, tokens.shape[1])
+            if positions is None:
+                canvas_positions = jnp.maximum(jnp.cumsum(cache.valid, axis=1) - 1, 0)
+                positions = slice_rows(canvas_positions, window_start, tokens.shape[1])
+            mask = attention_mask(valid, None, key_valid=cache.valid)
 
         embed = nn.Embed(cfg.vocab_size, cfg.hidden, name="embed",
                          dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
@@ -291,10 +348,12 @@ class Transformer(nn.Module):
         block = Block
         if cfg.remat != "none":
             block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
-        x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.layers,
-                       metadata_params={nn.PARTITION_NAME: "layers"})(
-                           cfg, name="layers")(x, positions, mask)
+        cached_kv = None if cache is None else (cache.k, cache.v)
+        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                         length=cfg.layers, metadata_params={nn.PARTITION_NAME: "layers"})(
+                             cfg, return_kv, name="layers")
+        x, kv = layers(x, positions, mask, cached_kv, window_start)
         x = RMSNorm(cfg.rms_eps, jnp.dtype(cfg.param_dtype), name="final_norm")(x)
 
         if cfg.tie_embeddings:
@@ -306,4 +365,6 @@ class Transformer(nn.Module):
                                             ("batch", "length", "act_vocab"))
         if cfg.shift_logits:
             logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
+        if return_kv:
+            return logits, KVCache(*kv, valid)
         return logits

@@ -1,61 +1,389 @@
-"""Diffusion decoding.
+"""Diffusion decoding: every published unmasking rule, block and parallel decoding,
+and a KV cache, as one jitted `lax.while_loop` over a batch.
 
-`generate` appends `max_new_tokens` mask tokens to the prompt and unmasks one
-position per step, the most confident one (probability of its chosen token),
-until none is left: the whole loop is one `lax.fori_loop` under `jax.jit`.
+The canvas is the (left-padded) prompt followed by `max_new_tokens` mask tokens;
+mask tokens inside the prompt are generated too (infilling: give a prefix, a hole
+of masks and a suffix). Each step runs the model, proposes a token for every
+masked position of the row's current block and commits some of them:
+
+  which      the rule's confidence (`alg`) ranks the block's masked positions;
+             the top k are committed, or k are drawn without replacement from
+             softmax(confidence / alg_temp). `origin` instead reveals each masked
+             position with probability 1 - s/t.
+  how many   the schedule over the block's steps (Dream: floor(n (1 - s/t)) on the
+             grid linspace(1, eps, steps + 1); LLaDA: an even split), or Fast-dLLM's
+             parallel rules (every position whose token probability exceeds
+             `threshold`; or the largest n with (n + 1)(1 - c_n) < `factor`),
+             always at least one.
+
+Blocks of `block_length` positions start at the row's first masked position; the
+current block is the one holding the leftmost masked position, and positions
+right of it are never committed. `steps` are split evenly across the blocks.
+Each row progresses on its own (its own block, step count and completion; with
+EOS, a row is done once nothing before its first generated EOS is masked), so a
+row decodes the same alone as in a batch, and the loop ends when every row is done.
+
+With `cache`, the model runs on the current block only, attending to keys and
+values of the rest of the canvas cached when the row entered the block
+(Fast-dLLM's dual cache; `cache_refresh` refreshes it more often, 1 = exactly).
+
+    out = generate(params, prompts, rng, SampleConfig(alg="entropy"),
+                   apply_fn=train.model_apply(model), mask_id=tok.mask_id, eos_id=tok.eos_id,
+                   pad_id=tok.pad_id, valid=prompt_valid)
+    out.tokens, out.order        # [B, P + N] each
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from dllm.model import KVCache, slice_rows, update_rows
+
 Array = jax.Array
+
+ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy", "low_confidence", "random")
+SCHEDULES = ("dream", "even")
+PARALLEL = ("none", "threshold", "factor")
+# Keys a stage's `config.sample` may hold that are not decoding settings.
+NON_DECODING_KEYS = ("prompt",)
 
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
-    max_new_tokens: int = 64
-    temperature: float = 0.0   # 0 = greedy token choice
+    max_new_tokens: int = 64    # mask tokens appended to the prompt (0: fill the prompt's masks)
+    steps: int = 0              # denoising steps in all, split evenly across blocks;
+    #                             0 = one per generated position (DiffuCoder: 256 in 256)
+    # Which positions to unmask: origin (Dream: each w.p. 1 - s/t) | maskgit_plus (top-1
+    # prob) | topk_margin (top-1 - top-2 prob) | entropy (negative entropy; DiffuCoder)
+    # | low_confidence (LLaDA: untempered prob of the token) | random (LLaDA).
+    alg: str = "entropy"
+    schedule: str = "dream"     # tokens per step: dream (floor(n (1 - s/t))) | even (LLaDA)
+    eps: float = 1e-3           # end of Dream's time grid linspace(1, eps, steps + 1)
+    temperature: float = 0.0    # token sampling; 0 = greedy
+    top_p: float = 1.0          # nucleus filter, applied after temperature; 1 = off
+    top_k: int = 0              # top-k filter, applied after top-p; 0 = off
+    alg_temp: float = 0.0       # > 0: positions sampled from softmax(confidence / alg_temp)
+    block_length: int = 0       # semi-autoregressive blocks; 0 = one block
+    # How many per step: none (the schedule) | threshold | factor (Fast-dLLM; `steps`
+    # and `schedule` are then unused).
+    parallel: str = "none"
+    threshold: float = 0.9      # parallel=threshold: commit every token with prob > threshold
+    factor: float = 1.0         # parallel=factor: commit the largest n with (n+1)(1-c_n) < factor
+    suppress_eos: bool = False  # EOS proposals rank last (LLaDA's fix for early EOS)
+    cache: bool = False         # Fast-dLLM dual KV cache; needs block_length > 0
+    cache_refresh: int = 0      # 0: refresh the cache once per block; n: every n steps too
+
+    def __post_init__(self):
+        for key, allowed in (("alg", ALGS), ("schedule", SCHEDULES), ("parallel", PARALLEL)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"sample.{key}={getattr(self, key)!r}; allowed: {allowed}")
+        if self.steps < 0 or self.max_new_tokens < 0:
+            raise ValueError("sample.steps and sample.max_new_tokens must be >= 0")
+        if self.alg == "origin" and (self.parallel != "none" or self.suppress_eos):
+            raise ValueError("sample.alg='origin' reveals at random: it takes no "
+                             "sample.parallel rule and no sample.suppress_eos")
+        if self.cache and self.block_length <= 0:
+            raise ValueError("sample.cache needs sample.block_length > 0")
 
 
 def sample_config_from_dict(d) -> SampleConfig:
+    """SampleConfig from a dict / ConfigDict; NON_DECODING_KEYS are skipped and any
+    other unknown key fails naming the key."""
+    d = {k: v for k, v in dict(d).items() if k not in NON_DECODING_KEYS}
     fields = {f.name for f in dataclasses.fields(SampleConfig)}
-    known = {k: v for k, v in dict(d).items() if k in fields}
-    return SampleConfig(**known)
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise KeyError(f"unknown sample config key(s) {unknown}; allowed: {sorted(fields)}")
+    return SampleConfig(**d)
 
 
-def generate(params, prompts: Array, rng: Array, cfg: SampleConfig, *, apply_fn, mask_id: int,
-             valid: Array | None = None):
-    """prompts: [B, P] int (left-padded where `valid` [B, P] is False).
-    Returns (tokens [B, P+N], order [B, P+N] int32: the step at which each position
-    was unmasked, -1 for prompt positions)."""
+class Decoded(NamedTuple):
+    tokens: Array      # [B, S] int: the decoded canvas; pad after a row's first generated EOS
+    order: Array       # [B, S] int32: step at which each position was unmasked; -1 = never
+    #                    (prompt, or still masked when its row stopped at EOS)
+    confidence: Array  # [B, S] float32: the rule's confidence at commit; nan where order = -1
+    steps: Array       # [B] int32: model calls until the row was done
+    refreshes: Array   # [] int32: full forwards made to refresh the KV cache
+
+
+def history(out: Decoded, mask_id: int) -> Array:
+    """[T, B, S] canvas after each step t (T = last step + 1), rebuilt from the
+    final tokens and the order: a position shows its token from its step on (the
+    prompt, and pads never unmasked, throughout). Not jittable (T from the data)."""
+    steps = jnp.arange(int(out.order.max()) + 1)[:, None, None]
+    shown = (out.order[None] < 0) | (out.order[None] <= steps)
+    return jnp.where(shown, out.tokens[None], mask_id)
+
+
+# ----------------------------------------------------------------------------- proposals
+
+def _top_p(z: Array, top_p: float) -> Array:
+    """Keep the smallest set of tokens whose probability mass reaches top_p (Dream's
+    rule: a token stays if the mass before it is <= top_p); ties at the cut stay."""
+    if top_p >= 1.0:
+        return z
+    probs = jax.nn.softmax(z, axis=-1)
+    desc = jnp.sort(probs, axis=-1)[..., ::-1]
+    kept = jnp.cumsum(desc, axis=-1) - desc <= top_p
+    cutoff = jnp.min(jnp.where(kept, desc, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(probs >= cutoff, z, -jnp.inf)
+
+
+def _top_k(z: Array, top_k: int) -> Array:
+    if top_k <= 0:
+        return z
+    kth = jax.lax.top_k(z, top_k)[0][..., -1:]
+    return jnp.where(z >= kth, z, -jnp.inf)
+
+
+def _confidence(alg: str, logits: Array, z: Array, lse: Array, prob: Array, x0: Array,
+                key) -> Array:
+    """The rule's score per position [B, W] (higher = unmask sooner). z: the sampling
+    logits [B, W, V] (tempered, filtered) and lse their logsumexp [B, W]; logits:
+    untempered. Reductions over V only: no [B, W, V] probabilities are stored."""
+    if alg == "maskgit_plus":
+        return prob
+    if alg == "topk_margin":
+        vocab = jnp.arange(z.shape[-1])
+        top1 = jnp.max(z, -1)
+        top2 = jnp.max(jnp.where(vocab == _argmax(z)[..., None], -jnp.inf, z), -1)
+        return jnp.exp(top1 - lse) - jnp.exp(top2 - lse)
+    if alg == "entropy":
+        logp = z - lse[..., None]
+        return jnp.sum(jnp.where(jnp.isfinite(logp), jnp.exp(logp) * logp, 0.0), -1)
+    if alg == "low_confidence":  # LLaDA: probability under the untempered logits
+        return jnp.exp(_take(logits, x0) - jax.nn.logsumexp(logits, -1))
+    if alg == "random":
+        return jax.random.uniform(key, x0.shape)
+    return jnp.zeros(x0.shape)  # origin reveals at random; no ranking
+
+
+def _argmax(z: Array) -> Array:
+    """argmax over the last axis (first of ties) as max + min-index reductions, which
+    XLA:CPU vectorises (its argmax reduction ran ~6x slower over a 2048 vocabulary)."""
+    hit = z == jnp.max(z, -1, keepdims=True)
+    return jnp.min(jnp.where(hit, jnp.arange(z.shape[-1]), z.shape[-1]), -1)
+
+
+def _take(x: Array, idx: Array) -> Array:
+    """x[..., idx] along the last axis: [B, W, V], [B, W] -> [B, W]."""
+    return jnp.take_along_axis(x, idx[..., None], axis=-1)[..., 0]
+
+
+def propose(logits: Array, key, cfg: SampleConfig, mask_id: int, eos_id: int | None):
+    """logits [B, W, V] -> (x0 [B, W] proposed tokens, prob [B, W] their probability
+    under the sampling distribution (temperature, then top-p, then top-k), confidence
+    [B, W] the rule's score). The mask token is never proposed."""
+    k_sample, k_rule = jax.random.split(key)
+    logits = jnp.where(jnp.arange(logits.shape[-1]) == mask_id, -jnp.inf, logits)
+    z = logits / cfg.temperature if cfg.temperature > 0 else logits
+    z = _top_k(_top_p(z, cfg.top_p), cfg.top_k)
+    lse = jax.nn.logsumexp(z, -1)
+    if cfg.temperature > 0:  # Gumbel-max: a sample of softmax(z)
+        x0 = _argmax(z + jax.random.gumbel(k_sample, z.shape))
+    else:
+        x0 = _argmax(z)
+    prob = jnp.exp(_take(z, x0) - lse)
+    confidence = _confidence(cfg.alg, logits, z, lse, prob, x0, k_rule)
+    if cfg.suppress_eos:  # rank EOS last and let it count for no parallel commit
+        is_eos = x0 == eos_id
+        confidence = jnp.where(is_eos, -jnp.inf, confidence)
+        prob = jnp.where(is_eos, 0.0, prob)
+    return x0, prob, confidence
+
+
+# ----------------------------------------------------------------------------- unmasking
+
+def reveal_fraction(j: Array, steps: Array, eps: float) -> Array:
+    """Dream's 1 - s/t at step j of `steps` on the grid linspace(1, eps, steps + 1);
+    1 at the last step. j, steps: [B] int -> [B] float32."""
+    t = 1.0 - (1.0 - eps) * j / steps
+    s = 1.0 - (1.0 - eps) * (j + 1) / steps
+    return jnp.where(j >= steps - 1, 1.0, 1.0 - s / t)
+
+
+def how_many(cfg: SampleConfig, eligible: Array, prob: Array, j: Array, steps: Array) -> Array:
+    """Tokens to commit per row [B] (at most the eligible count n). eligible, prob:
+    [B, W]; j: [B] step within the block; steps: [B] steps per block."""
+    n = eligible.sum(-1)
+    if cfg.parallel == "threshold":
+        k = jnp.maximum(1, jnp.sum(eligible & (prob > cfg.threshold), -1))
+    elif cfg.parallel == "factor":  # n-th largest prob c_n: (n + 1)(1 - c_n) < factor
+        c = -jnp.sort(-jnp.where(eligible, prob, -jnp.inf), axis=-1)
+        rank = jnp.arange(1, c.shape[-1] + 1)
+        k = jnp.maximum(1, jnp.sum((rank + 1) * (1.0 - c) < cfg.factor, -1))
+    elif cfg.schedule == "dream":
+        k = jnp.floor(n * reveal_fraction(j, steps, cfg.eps)).astype(n.dtype)
+    else:  # even: LLaDA's base + remainder split == ceil(remaining / steps left)
+        k = -(-n // (steps - j))
+    return jnp.minimum(k, n)
+
+
+def select(cfg: SampleConfig, confidence: Array, eligible: Array, k: Array, frac: Array,
+           key) -> Array:
+    """[B, W] bool: the positions to commit. The k best eligible by confidence (or
+    k drawn without replacement from softmax(confidence / alg_temp), by Gumbel
+    top-k); `origin`: each eligible position with probability frac [B]."""
+    if cfg.alg == "origin":
+        return eligible & (jax.random.uniform(key, eligible.shape) < frac[:, None])
+    score = confidence
+    if cfg.alg_temp > 0:
+        score = confidence / cfg.alg_temp + jax.random.gumbel(key, confidence.shape)
+    # Eligible first, then by score, ties to the left; rank = inverse permutation.
+    by_rank = jnp.lexsort((-score, ~eligible), axis=-1)
+    rank = jnp.argsort(by_rank, axis=-1)
+    return eligible & (rank < k[:, None])
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class _State(NamedTuple):
+    tokens: Array      # [B, S]
+    order: Array       # [B, S] int32
+    confidence: Array  # [B, S] float32
+    block: Array       # [B] int32: the row's current block
+    j: Array           # [B] int32: steps the row has spent in it
+    done: Array        # [B] bool
+    steps: Array       # [B] int32
+    i: Array           # [] int32: loop step
+    refreshes: Array   # [] int32
+    cache: KVCache | None
+
+
+def _first_eos(tokens: Array, generated: Array, eos_id: int) -> Array:
+    """[B, 1] position of the row's first generated EOS (S if none)."""
+    eos = (tokens == eos_id) & generated
+    return jnp.where(eos.any(-1), jnp.argmax(eos, -1), tokens.shape[1])[:, None]
+
+
+def _row_done(tokens: Array, generated: Array, mask_id: int, eos_id: int | None) -> Array:
+    """[B] bool: nothing masked before the row's first generated EOS (or at all)."""
+    masked = (tokens == mask_id) & generated
+    if eos_id is not None:
+        masked = masked & (jnp.arange(tokens.shape[1]) < _first_eos(tokens, generated, eos_id))
+    return ~masked.any(-1)
+
+
+def _block_layout(generated: Array, block_length: int, steps: int):
+    """Per row: the first generated position and the steps per block [B] (`steps`,
+    or 0 = the row's generated count, split evenly across the blocks spanning the
+    generated positions; at least 1)."""
+    s = generated.shape[1]
+    pos = jnp.arange(s)
+    first = jnp.min(jnp.where(generated, pos, s), -1)
+    last = jnp.max(jnp.where(generated, pos, -1), -1)
+    blocks = jnp.maximum(1, -(-(last - first + 1) // block_length))
+    total = steps if steps > 0 else generated.sum(-1)
+    return first, jnp.maximum(1, total // blocks)
+
+
+def _window_logits(params, apply_fn, st: _State, valid, start, width, refresh):
+    """Logits [B, width, V] for the canvas positions start[b] ... start[b] + width - 1,
+    and the cache: refreshed by a full forward for the rows in `refresh` [B] (with a
+    cache), or the full forward's logits sliced at the window (without)."""
+    if st.cache is None:
+        logits = apply_fn(params, st.tokens, valid)
+        if width == st.tokens.shape[1]:
+            return logits, None, 0
+        return slice_rows(logits, start, width), None, 0
+
+    def fresh(cache):
+        _, kv = apply_fn(params, st.tokens, valid, return_kv=True)
+        rows = refresh[None, :, None, None, None]
+        return cache._replace(k=jnp.where(rows, kv.k, cache.k), v=jnp.where(rows, kv.v, cache.v))
+
+    cache = jax.lax.cond(refresh.any(), fresh, lambda c: c, st.cache)
+    logits = apply_fn(params, slice_rows(st.tokens, start, width),
+                      slice_rows(valid, start, width), cache=cache, window_start=start)
+    return logits, cache, refresh.any().astype(jnp.int32)
+
+
+def _step(st: _State, params, rng, cfg: SampleConfig, apply_fn, valid, generated, first,
+          block_length, steps_per_block, ids):
+    """One denoising step for every row that is not done."""
+    mask_id, eos_id = ids
+    s = st.tokens.shape[1]
+    width = min(block_length + 1, s)  # + the position left of the block: the logits shift
+    masked = (st.tokens == mask_id) & generated
+    leftmost = jnp.where(masked.any(-1), jnp.argmax(masked, -1), s)
+    block = (leftmost - first) // block_length
+    start = first + block * block_length
+    j = jnp.where(block == st.block, st.j, 0)
+    active = ~st.done
+    window_start = jnp.clip(start - 1, 0, s - width)
+    window = window_start[:, None] + jnp.arange(width)
+    refresh = active & ((j == 0) if cfg.cache_refresh == 0 else (j % cfg.cache_refresh == 0))
+    logits, cache, refreshed = _window_logits(params, apply_fn, st, valid, window_start, width,
+                                              refresh)
+
+    k_propose, k_select = jax.random.split(jax.random.fold_in(rng, st.i))
+    x0, prob, confidence = propose(logits, k_propose, cfg, mask_id, eos_id)
+    at = lambda x: slice_rows(x, window_start, width)
+    eligible = at(masked) & (window < (start + block_length)[:, None]) & active[:, None]
+    k = how_many(cfg, eligible, prob, j, steps_per_block)
+    frac = reveal_fraction(j, steps_per_block, cfg.eps)
+    commit = select(cfg, confidence, eligible, k, frac, k_select)
+
+    put = lambda x, new: update_rows(x, window_start, jnp.where(commit, new, at(x)))
+    tokens = put(st.tokens, x0)
+    return _State(tokens=tokens, order=put(st.order, st.i), confidence=put(st.confidence, confidence),
+                  block=block, j=j + 1, done=_row_done(tokens, generated, mask_id, eos_id),
+                  steps=st.steps + active, i=st.i + 1, refreshes=st.refreshes + refreshed,
+                  cache=cache)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "apply_fn", "mask_id", "pad_id", "eos_id"))
+def _generate(params, prompts, valid, rng, cfg, apply_fn, mask_id, pad_id, eos_id) -> Decoded:
     b, p = prompts.shape
     n = cfg.max_new_tokens
     tokens = jnp.concatenate([prompts, jnp.full((b, n), mask_id, prompts.dtype)], axis=1)
-    if valid is None:
-        valid = jnp.ones((b, p), bool)
     valid = jnp.concatenate([valid, jnp.ones((b, n), bool)], axis=1)
-    order = jnp.full(tokens.shape, -1, jnp.int32)
+    generated = (tokens == mask_id) & valid
+    block_length = cfg.block_length or p + n  # 0: one block
+    first, steps_per_block = _block_layout(generated, block_length, cfg.steps)
+    cache = None
+    if cfg.cache:
+        kv = jax.eval_shape(lambda: apply_fn(params, tokens, valid, return_kv=True)[1])
+        cache = KVCache(jnp.zeros(kv.k.shape, kv.k.dtype), jnp.zeros(kv.v.shape, kv.v.dtype),
+                        valid)
+    zero = jnp.zeros((b,), jnp.int32)
+    st = _State(tokens=tokens, order=jnp.full(tokens.shape, -1, jnp.int32),
+                confidence=jnp.full(tokens.shape, jnp.nan, jnp.float32), block=zero - 1,
+                j=zero, done=_row_done(tokens, generated, mask_id, eos_id), steps=zero,
+                i=jnp.int32(0), refreshes=jnp.int32(0), cache=cache)
+    # Each row finishes within `steps` (schedule) or within its masked count (parallel).
+    max_steps = max(cfg.steps, p + n)
+    step = functools.partial(_step, params=params, rng=rng, cfg=cfg, apply_fn=apply_fn,
+                             valid=valid, generated=generated, first=first,
+                             block_length=block_length, steps_per_block=steps_per_block,
+                             ids=(mask_id, eos_id))
+    st = jax.lax.while_loop(lambda st: (st.i < max_steps) & ~st.done.all(), step, st)
+    tokens = st.tokens
+    if eos_id is not None:  # everything generated after the first EOS becomes pad
+        after = jnp.arange(tokens.shape[1]) > _first_eos(tokens, generated, eos_id)
+        tokens = jnp.where(generated & after, pad_id, tokens)
+    return Decoded(tokens, st.order, st.confidence, st.steps, st.refreshes)
 
-    def step(i, carry):
-        tokens, order = carry
-        logits = apply_fn(params, tokens, valid)
-        key = jax.random.fold_in(rng, i)
-        if cfg.temperature > 0:
-            choice = jax.random.categorical(key, logits / cfg.temperature)
-        else:
-            choice = jnp.argmax(logits, -1)
-        probs = jax.nn.softmax(logits, -1)
-        confidence = jnp.take_along_axis(probs, choice[..., None], -1)[..., 0]
-        masked = tokens == mask_id
-        pick = jnp.argmax(jnp.where(masked, confidence, -jnp.inf), axis=-1)     # [B]
-        rows = jnp.arange(b)
-        has_mask = masked.any(-1)
-        tokens = tokens.at[rows, pick].set(jnp.where(has_mask, choice[rows, pick],
-                                                     tokens[rows, pick]))
-        order = order.at[rows, pick].set(jnp.where(has_mask, i, order[rows, pick]))
-        return tokens, order
 
-    return jax.lax.fori_loop(0, n, step, (tokens, order))
+def generate(params, prompts: Array, rng: Array, cfg: SampleConfig, *, apply_fn: Callable,
+             mask_id: int, pad_id: int | None = None, eos_id: int | None = None,
+             valid: Array | None = None) -> Decoded:
+    """Decode `cfg.max_new_tokens` tokens after each prompt, and any mask tokens in
+    the prompts (infilling). prompts: [B, P] int, left-padded where `valid` [B, P]
+    bool is False (default all valid). apply_fn(params, tokens, valid, **kw) ->
+    logits [B, S, V] (shifted as the model is trained; with cfg.cache it must take
+    `Transformer`'s cache/window_start/return_kv keywords, as `train.model_apply` does).
+    eos_id: None = no EOS handling; else a row stops once nothing before its first
+    generated EOS is masked, and what follows is returned as pad_id (default eos_id).
+    Returns Decoded: tokens and order [B, P + N] first. Jitted; cfg, apply_fn and
+    the ids are static (reuse one apply_fn to avoid recompiling)."""
+    if valid is None:
+        valid = jnp.ones(prompts.shape, bool)
+    if cfg.suppress_eos and eos_id is None:
+        raise ValueError("sample.suppress_eos needs an eos_id")
+    return _generate(params, prompts, valid, rng, cfg=cfg, apply_fn=apply_fn, mask_id=mask_id,
+                     pad_id=eos_id if pad_id is None else pad_id, eos_id=eos_id)

@@ -98,9 +98,10 @@ def jit_train_step(train_step, state_shardings, mesh):
 
 
 def model_apply(model: nn.Module):
-    """apply_fn(params, tokens, valid=None, lookahead="default") -> logits."""
-    def apply_fn(params, tokens, valid=None, lookahead="default"):
-        return model.apply({"params": params}, tokens, valid, lookahead=lookahead)
+    """apply_fn(params, tokens, valid=None, lookahead="default", **kw) -> logits; kw
+    are Transformer's cache keywords (cache, window_start, return_kv), used by cached decoding."""
+    def apply_fn(params, tokens, valid=None, lookahead="default", **kw):
+        return model.apply({"params": params}, tokens, valid, lookahead=lookahead, **kw)
     return apply_fn
 
 
@@ -298,9 +299,9 @@ def print_sample(config, workdir: str, model, params, tok):
     """Decode a completion of config.sample.prompt; print it and save it."""
     sample_cfg = sampling.sample_config_from_dict(config.sample)
     prompt = np.asarray([tok.encode(config.sample.prompt)], np.int32)
-    out, _ = jax.jit(functools.partial(
+    out = jax.jit(functools.partial(
         sampling.generate, cfg=sample_cfg, apply_fn=model_apply(model), mask_id=tok.mask_id))(
-            params, prompt, jax.random.PRNGKey(config.seed))
+            params, prompt, jax.random.PRNGKey(config.seed)).tokens
     text = tok.decode(np.asarray(out[0, prompt.shape[1]:]).tolist())
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "sample.txt"), "w") as f:

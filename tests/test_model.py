@@ -134,3 +134,25 @@ def test_presets_and_bad_config():
         M.config_from_dict({**M.PRESETS["tiny"], "hiden": 3})
     with pytest.raises(ValueError, match="kv_heads"):
         M.ModelConfig(**{**M.PRESETS["tiny"], "kv_heads": 3})
+
+
+def test_window_call_with_a_fresh_cache_matches_the_full_forward(params):
+    """A window of a left-padded canvas, run against the K/V cache of the same canvas,
+    gives the full forward's logits there (bar the window's first position, whose
+    shifted logits would come from outside the window)."""
+    cfg = dataclasses.replace(CFG, shift_logits=True)
+    x = tokens(s=16)
+    valid = jnp.arange(16)[None] >= jnp.array([[0], [3]])
+    full, kv = apply(params, x, cfg, valid=valid, return_kv=True)
+    assert kv.k.shape == (CFG.layers, 2, 16, CFG.kv_heads, CFG.head_dim)
+    start = jnp.array([5, 9])
+    window = start[:, None] + jnp.arange(5)
+    x_window = jnp.take_along_axis(x, window, 1)
+    out = apply(params, x_window, cfg, cache=kv, window_start=start)
+    np.testing.assert_allclose(out[:, 1:], jnp.take_along_axis(full, window[:, 1:, None], 1),
+                               atol=1e-5)
+    # A stale cache (other tokens elsewhere) changes the window's logits.
+    y = x.at[:, 0].set((x[:, 0] + 1) % CFG.vocab_size)
+    _, stale = apply(params, y, cfg, valid=valid, return_kv=True)
+    out_stale = apply(params, x_window, cfg, cache=stale, window_start=start)
+    assert jnp.abs(out_stale[0] - out[0]).max() > 1e-4

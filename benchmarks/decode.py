@@ -1,0 +1,155 @@
+"""Decoding speed: tokens/s and model calls per generated token for one-per-step,
+block, threshold (tau 0.9) and threshold + KV cache decoding, and the sampler's
+overhead over the bare forward passes.
+
+    python benchmarks/decode.py [--presets tiny,100m] [--workdir RUN] [--json OUT]
+
+A preset runs with random weights (no confidence ever reaches tau = 0.9, so the
+threshold rule commits one token per step there and its speed-up is the cache's
+alone); `--workdir` adds a trained run, whose confidences are real.
+
+overhead_ratio = time(generate, S steps) / (S x time(one forward of the same batch))
+speedup_threshold_cache = tokens/s(threshold + cache) / tokens/s(one per step)
+"""
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import platform
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dllm import model as model_lib
+from dllm import sample, sampling, train
+
+CODE_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef list_files(path):\n",
+                "class Stack:\n    def __init__(self):\n", "def parse_args(argv):\n"]
+
+
+def cpu_name() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    names = [line.split(":", 1)[1].strip() for line in out.splitlines()
+             if line.startswith("Model name")]
+    name = names[0] if names else platform.processor()
+    return f"{name}, {os.cpu_count()} cores, {jax.local_devices()[0].platform}"
+
+
+def interleaved_times(calls: dict, reps: int):
+    """Fastest time of each jit(fn)(*args) in `calls` {name: (fn, args)}, compiled
+    ahead and called in turn `reps` times (so that a shared machine's load falls on
+    all alike); and each one's output."""
+    compiled = {k: (jax.jit(fn).lower(*args).compile(), args) for k, (fn, args) in calls.items()}
+    best, outs = {k: float("inf") for k in calls}, {}
+    for _ in range(reps):
+        for k, (fn, args) in compiled.items():
+            t = time.perf_counter()
+            outs[k] = jax.block_until_ready(fn(*args))
+            best[k] = min(best[k], time.perf_counter() - t)
+    return best, outs
+
+
+def setup(name: str, batch: int, prompt_len: int, workdir: str | None):
+    """(model, params, prompts [B, P], valid [B, P], mask_id) for a preset with random
+    weights and random prompts of prompt_len, or for a trained run with left-padded
+    code prompts."""
+    if workdir is None:
+        cfg = model_lib.ModelConfig(**model_lib.PRESETS[name])
+        model = model_lib.Transformer(cfg)
+        params = jax.jit(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"])(
+            jax.random.key(0))
+        mask_id = cfg.vocab_size - 1
+        prompts = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, mask_id)
+        return model, params, prompts, jnp.ones(prompts.shape, bool), mask_id
+    _, model, params, tok = train.load_run(workdir)
+    texts = [CODE_PROMPTS[i % len(CODE_PROMPTS)] for i in range(batch)]
+    prompts, valid = sample.build_prompts(tok, texts, "", 0)
+    return model, params, jnp.asarray(prompts), jnp.asarray(valid), tok.mask_id
+
+
+def modes(n: int, block: int, alg: str) -> dict[str, sampling.SampleConfig]:
+    base = sampling.SampleConfig(max_new_tokens=n, steps=n, alg=alg, schedule="even")
+    threshold = dataclasses.replace(base, block_length=block, parallel="threshold",
+                                    threshold=0.9)
+    return {"one_per_step": base,
+            "block": dataclasses.replace(base, block_length=block),
+            "threshold": threshold,
+            "threshold_cache": dataclasses.replace(threshold, cache=True)}
+
+
+def bench(name, args, workdir=None) -> dict:
+    model, params, prompts, valid, mask_id = setup(name, args.batch, args.prompt_len, workdir)
+    apply_fn = train.model_apply(model)
+    n, b = args.new_tokens, args.batch
+    canvas = jnp.concatenate([prompts, jnp.full((b, n), mask_id, prompts.dtype)], 1)
+    canvas_valid = jnp.concatenate([valid, jnp.ones((b, n), bool)], 1)
+    configs = modes(n, args.block, args.alg)
+    calls = {"forward": (apply_fn, (params, canvas, canvas_valid))}
+    for mode, cfg in configs.items():
+        run = functools.partial(sampling.generate, cfg=cfg, apply_fn=apply_fn, mask_id=mask_id,
+                                valid=valid)
+        calls[mode] = (run, (params, prompts, jax.random.key(0)))
+    times, outs = interleaved_times(calls, args.reps)
+    row = {"model": name, "batch": b, "new_tokens": n, "block_length": args.block,
+           "forward_s": times["forward"], "modes": {}}
+    for mode, cfg in configs.items():
+        t, out = times[mode], outs[mode]
+        steps = float(np.mean(out.steps))
+        row["modes"][mode] = {"seconds": t, "tokens_per_s": b * n / t,
+                              "calls_per_token": steps / n,
+                              "full_forwards_per_token": (int(out.refreshes) if cfg.cache
+                                                          else steps) / n}
+        print(f"  {name:>8} {mode:>16}: {b * n / t:9.1f} tok/s  {steps / n:.3f} calls/token",
+              flush=True)
+    m = row["modes"]
+    row["overhead_ratio"] = m["one_per_step"]["seconds"] / (n * times["forward"])
+    row["speedup_threshold_cache"] = (m["threshold_cache"]["tokens_per_s"]
+                                      / m["one_per_step"]["tokens_per_s"])
+    row["speedup_threshold"] = m["threshold"]["tokens_per_s"] / m["one_per_step"]["tokens_per_s"]
+    gen = slice(prompts.shape[1], None)
+    row["cache_agreement"] = float(jnp.mean(outs["threshold_cache"].tokens[:, gen]
+                                            == outs["threshold"].tokens[:, gen]))
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default="tiny,100m")
+    parser.add_argument("--workdir", default=None, help="also benchmark this trained run")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--prompt_len", type=int, default=16)
+    parser.add_argument("--new_tokens", type=int, default=256)
+    parser.add_argument("--block", type=int, default=32)
+    parser.add_argument("--alg", default="maskgit_plus", choices=sampling.ALGS)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--json", default=None, help="write the figures here")
+    args = parser.parse_args()
+
+    device = cpu_name()
+    print(f"device: {device} ({jax.device_count()} device(s)), alg={args.alg}")
+    rows = [bench(p, args) for p in args.presets.split(",") if p]
+    if args.workdir:
+        rows.append(bench(f"run:{args.workdir}", args, args.workdir))
+    print(f"\n{'model':>24} {'fwd ms':>8} {'overhead':>9} {'1/step tok/s':>13} "
+          f"{'block':>8} {'thr 0.9':>8} {'thr+cache':>10} {'speedup':>8} {'agree':>6}")
+    for r in rows:
+        m = r["modes"]
+        print(f"{r['model'][-24:]:>24} {1e3 * r['forward_s']:8.1f} {r['overhead_ratio']:9.3f} "
+              + " ".join(f"{m[k]['tokens_per_s']:{w}.1f}" for k, w in
+                         (("one_per_step", 13), ("block", 8), ("threshold", 8),
+                          ("threshold_cache", 10)))
+              + f" {r['speedup_threshold_cache']:7.2f}x {r['cache_agreement']:6.1%}")
+    print("targets: overhead <= 1.15; threshold + cache >= 4x one-per-step")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "date": datetime.date.today().isoformat(),
+                       "args": vars(args), "results": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

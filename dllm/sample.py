@@ -1,0 +1,155 @@
+"""Sample from a trained run.
+
+    python -m dllm.sample --workdir=RUN --prompt='def fib(n):' [--alg=entropy --steps=64 ...]
+    python -m dllm.sample --workdir=RUN --prompt='def add(a, b):' --suffix='    return c' \\
+        --max_new_tokens=16                       # infill 16 tokens between the two
+    python -m dllm.sample --workdir=RUN --prompt='def f(x):' --prompt='import os' \\
+        --block_length=32 --parallel=threshold --cache --show --order_plot=order.png
+
+Every `dllm.sampling.SampleConfig` field is a flag; unset ones take the run's
+`config.sample`, then SampleConfig's defaults. Several --prompt flags decode as one
+left-padded batch. --show replays the denoising in the terminal; --order_plot draws
+the step at which each position was unmasked.
+"""
+import dataclasses
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from dllm import sampling, train
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A trained run (config.json, checkpoints/).")
+_PROMPT = flags.DEFINE_multi_string("prompt", ["def fibonacci(n):\n"], "Prompt(s); one row each.")
+_SUFFIX = flags.DEFINE_string("suffix", "", "Infill: text after the generated tokens "
+                              "(max_new_tokens masks go between prompt and suffix).")
+_CHAT = flags.DEFINE_bool("chat", False, "Wrap each prompt in the chat template.")
+_EOS = flags.DEFINE_string("eos_token", "<|endoftext|>", "Token that ends a row; '' = none.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: latest).")
+_SHOW = flags.DEFINE_bool("show", False, "Animate the denoising in the terminal.")
+_FPS = flags.DEFINE_float("fps", 20.0, "--show frames per second.")
+_ORDER_PLOT = flags.DEFINE_string("order_plot", None, "Write the decoding-order heatmap here.")
+flags.mark_flag_as_required("workdir")
+
+_ENUMS = {"alg": sampling.ALGS, "schedule": sampling.SCHEDULES, "parallel": sampling.PARALLEL}
+_DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+           str: flags.DEFINE_string}
+for _field in dataclasses.fields(sampling.SampleConfig):
+    _help = f"SampleConfig.{_field.name} (default: the run's, else {_field.default!r})"
+    if _field.name in _ENUMS:
+        flags.DEFINE_enum(_field.name, None, _ENUMS[_field.name], _help)
+    else:
+        _DEFINE[type(_field.default)](_field.name, None, _help)
+
+
+def sample_config(run_sample) -> sampling.SampleConfig:
+    """The run's config.sample, overridden by the decoding flags that are set."""
+    d = dict(run_sample)
+    for f in dataclasses.fields(sampling.SampleConfig):
+        if flags.FLAGS[f.name].value is not None:
+            d[f.name] = flags.FLAGS[f.name].value
+    return sampling.sample_config_from_dict(d)
+
+
+def build_prompts(tok, texts, suffix: str, n: int):
+    """Left-padded canvases [B, P] and valid [B, P]: prompt ids (+ n masks + suffix ids
+    when infilling)."""
+    hole = [tok.mask_id] * n + tok.encode(suffix) if suffix else []
+    rows = [tok.encode(t) + hole for t in texts]
+    width = max(map(len, rows))
+    prompts = np.full((len(rows), width), tok.pad_id, np.int32)
+    valid = np.zeros(prompts.shape, bool)
+    for i, row in enumerate(rows):
+        prompts[i, width - len(row):] = row
+        valid[i, width - len(row):] = True
+    return prompts, valid
+
+
+def token_texts(tok, ids) -> list[str]:
+    """The text each token adds in context (decoding prefixes keeps the spaces)."""
+    texts, prev = [], ""
+    for i in range(len(ids)):
+        text = tok.decode(ids[:i + 1])
+        texts.append(text[len(prev):])
+        prev = text
+    return texts
+
+
+def show(tok, out: sampling.Decoded, keep: np.ndarray, fps: float):
+    """Replay the denoising: masked positions as dots (the width of the token they
+    become), each step's new tokens in green."""
+    frames = np.asarray(sampling.history(out, tok.mask_id))
+    order = np.asarray(out.order)
+    texts = [token_texts(tok, row[k].tolist()) for row, k in zip(np.asarray(out.tokens), keep)]
+    for t, frame in enumerate(frames):
+        lines = []
+        for row, k in enumerate(keep):
+            pieces = []
+            for text, tok_id, step in zip(texts[row], frame[row][k], order[row][k]):
+                hidden = "".join("\n" if c == "\n" else "·" for c in text)
+                pieces.append(hidden if tok_id == tok.mask_id else
+                              f"\x1b[32m{text}\x1b[0m" if step == t else text)
+            lines.append("".join(pieces))
+        sys.stdout.write("\x1b[2J\x1b[H" + f"step {t + 1}/{len(frames)}\n\n"
+                         + "\n\n----\n\n".join(lines) + "\n")
+        sys.stdout.flush()
+        time.sleep(1.0 / fps)
+
+
+def order_plot(order: np.ndarray, path: str):
+    """Heatmap of the step at which each position was unmasked (rows = samples; from
+    the first generated position on), and step against position (a diagonal = left
+    to right)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    start = int(np.argmax((order >= 0).any(0)))
+    gen = np.ma.masked_less(order[:, start:], 0)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3 + 0.2 * len(order)))
+    im = ax1.imshow(gen, aspect="auto", interpolation="nearest", cmap="viridis")
+    fig.colorbar(im, ax=ax1, label="step unmasked")
+    ax1.set(xlabel="generated position", ylabel="sample", title="decoding order",
+            yticks=range(len(order)))
+    for row in gen:
+        ax2.plot(np.flatnonzero(~np.ma.getmaskarray(row)), row.compressed(), ".", ms=3)
+    ax2.set(xlabel="generated position", ylabel="step", title="step vs position")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    config, model, params, tok = train.load_run(_WORKDIR.value, _STEP.value)
+    cfg = sample_config(config.sample)
+    texts = _PROMPT.value
+    if _CHAT.value:
+        texts = [tok.apply_chat_template([{"role": "user", "content": t}], True) for t in texts]
+    prompts, valid = build_prompts(tok, texts, _SUFFIX.value, cfg.max_new_tokens)
+    if _SUFFIX.value:  # the hole is in the prompt: nothing to append
+        cfg = dataclasses.replace(cfg, max_new_tokens=0)
+    out = sampling.generate(params, prompts, jax.random.PRNGKey(_SEED.value), cfg,
+                            apply_fn=train.model_apply(model), mask_id=tok.mask_id,
+                            pad_id=tok.pad_id,
+                            eos_id=tok.token_to_id(_EOS.value) if _EOS.value else None,
+                            valid=valid)
+    tokens = np.asarray(out.tokens)
+    keep = np.concatenate([valid, np.ones((len(valid), cfg.max_new_tokens), bool)], 1)
+    keep &= tokens != tok.pad_id
+    if _SHOW.value:
+        show(tok, out, keep, _FPS.value)
+    for row, k in zip(tokens, keep):
+        print(f"{tok.decode(row[k].tolist())}\n----")
+    print(f"{cfg}\nsteps per row: {np.asarray(out.steps).tolist()}")
+    if _ORDER_PLOT.value:
+        order_plot(np.asarray(out.order), _ORDER_PLOT.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,46 @@
+"""The sampling CLI: prompts and infill canvases, and a run end to end."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dllm import sample, train
+from test_train import tiny_run_config
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    train.train_and_evaluate(tiny_run_config(steps=2), workdir)
+    return workdir
+
+
+def test_build_prompts_left_pads_and_places_the_hole(run_dir):
+    tok = train.load_run(run_dir)[3]
+    prompts, valid = sample.build_prompts(tok, ["def f(x):", "x"], "    return y", 3)
+    a, b = tok.encode("def f(x):"), tok.encode("x")
+    hole = [tok.mask_id] * 3 + tok.encode("    return y")
+    assert prompts.shape[1] == len(a) + len(hole) == valid[0].sum()
+    np.testing.assert_array_equal(prompts[0], a + hole)
+    np.testing.assert_array_equal(prompts[1, -len(b + hole):], b + hole)
+    assert not valid[1, :len(a) - len(b)].any() and (prompts[1, :len(a) - len(b)] == tok.pad_id).all()
+    assert "".join(sample.token_texts(tok, a)) == "def f(x):"
+
+
+@pytest.mark.slow
+def test_cli_samples_shows_and_plots(run_dir, tmp_path):
+    plot = str(tmp_path / "order.png")
+    args = [sys.executable, "-m", "dllm.sample", f"--workdir={run_dir}", "--prompt=def f(x):",
+            "--prompt=import os", "--max_new_tokens=8", "--steps=4", "--block_length=4",
+            "--parallel=threshold", "--cache", "--show", "--fps=1000", f"--order_plot={plot}"]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "step 1/" in result.stdout and "def f(x):" in result.stdout
+    assert "parallel='threshold'" in result.stdout and "cache=True" in result.stdout
+    assert os.path.getsize(plot) > 0
+    bad = subprocess.run(args[:4] + ["--alg=confidence"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert bad.returncode != 0 and "alg" in bad.stderr

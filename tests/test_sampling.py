@@ -1,0 +1,334 @@
+"""Sampling: rules against NumPy, schedules, blocks, parallel decoding, EOS, padding, cache."""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dllm import model as M
+from dllm import sampling as S
+from dllm.train import model_apply
+
+VOCAB = 64
+MASK, PAD, EOS = 63, 62, 61
+CFG = M.ModelConfig(vocab_size=VOCAB, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8,
+                    mlp=64)
+MODEL = M.Transformer(CFG)
+APPLY = model_apply(MODEL)
+N = 12  # new tokens
+
+
+@pytest.fixture(scope="module")
+def params():
+    p = nn.unbox(MODEL.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    # A sharper head than the init's, so that confidences spread over (0, 1).
+    return {**p, "lm_head": {"kernel": p["lm_head"]["kernel"] * 40.0}}
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    """Three prompts of lengths 3, 5, 8 (tokens below EOS), left-padded to 8."""
+    x = np.asarray(jax.random.randint(jax.random.key(1), (3, 8), 0, EOS))
+    valid = np.arange(8)[None] >= np.array([[5], [3], [0]])
+    return jnp.asarray(np.where(valid, x, PAD)), jnp.asarray(valid)
+
+
+def run(params, prompts, rng=0, **kw):
+    x, valid = prompts
+    cfg = S.SampleConfig(**{"max_new_tokens": N, "steps": N, **kw})
+    return S.generate(params, x, jax.random.key(rng), cfg, apply_fn=APPLY, mask_id=MASK,
+                      valid=valid)
+
+
+def FIXED(logits, tokens, valid):
+    """apply_fn whose logits are its params [B, S, V], whatever the tokens."""
+    return logits
+
+
+def run_fixed(logits, prompt_len, eos=False, **kw):
+    """generate with the fixed logits [B, S, V] and all-zero prompts of prompt_len;
+    S - prompt_len new tokens in as many steps."""
+    b, s, _ = logits.shape
+    cfg = S.SampleConfig(**{"max_new_tokens": s - prompt_len, "steps": s - prompt_len, **kw})
+    ids = dict(eos_id=EOS, pad_id=PAD) if eos else {}
+    return S.generate(jnp.asarray(logits, jnp.float32), jnp.zeros((b, prompt_len), jnp.int32),
+                      jax.random.key(0), cfg, apply_fn=FIXED, mask_id=MASK, **ids)
+
+
+# ----------------------------------------------------------------------------- filling
+
+@pytest.mark.parametrize("alg", S.ALGS)
+def test_every_masked_position_is_filled_once_and_the_prompt_never_changes(params, alg):
+    """Infilling (a hole inside each prompt) plus new tokens. With the even schedule
+    and steps = masked count each step fills exactly one position, so the order is
+    a permutation of the steps; origin fills a random number per step."""
+    x, valid = prompts_with_hole = _hole(*_prompts_np())
+    out = run(params, prompts_with_hole, alg=alg, schedule="even", steps=0,  # = N + 2
+              temperature=0.0 if alg != "origin" else 1.0)
+    tokens, order = np.asarray(out.tokens), np.asarray(out.order)
+    generated = np.concatenate([np.asarray(x) == MASK, np.ones((3, N), bool)], 1)
+    assert not (tokens == MASK).any()
+    np.testing.assert_array_equal(tokens[:, :8][~generated[:, :8]], np.asarray(x)[~generated[:, :8]])
+    assert (order[~generated] == -1).all() and (order[generated] >= 0).all()
+    for row in range(3):
+        steps = np.sort(order[row][generated[row]])
+        if alg == "origin":
+            assert steps.max() < N + 2
+        else:
+            np.testing.assert_array_equal(steps, np.arange(N + 2))
+
+
+def _prompts_np():
+    x = np.asarray(jax.random.randint(jax.random.key(1), (3, 8), 0, EOS))
+    return x, np.arange(8)[None] >= np.array([[3], [2], [0]])
+
+
+def _hole(x, valid):
+    """Mask two positions in the middle of each prompt (prefix, hole, suffix)."""
+    x = np.where(valid, x, PAD)
+    x[:, 5:7] = MASK
+    return jnp.asarray(x), jnp.asarray(valid)
+
+
+def dream_counts(n, steps, eps=1e-3):
+    """Dream's tokens per step for n masked tokens: floor(n_left (1 - s/t)), all at the end."""
+    grid = np.linspace(1, eps, steps + 1)
+    counts = []
+    for i in range(steps):
+        k = n if i == steps - 1 else int(n * (1 - grid[i + 1] / grid[i]))
+        counts.append(k)
+        n -= k
+    return counts
+
+
+def even_counts(n, steps):
+    """LLaDA's split: n // steps each, the first n % steps steps one more."""
+    return [n // steps + (i < n % steps) for i in range(steps)]
+
+
+@pytest.mark.parametrize("schedule,steps,block", [("dream", N, 0), ("dream", 10, 6),
+                                                  ("even", 5, 0), ("even", 6, 4)])
+def test_tokens_per_step_follow_the_schedule(params, prompts, schedule, steps, block):
+    out = run(params, prompts, schedule=schedule, steps=steps, block_length=block)
+    blocks = N // block if block else 1
+    per_block = (dream_counts if schedule == "dream" else even_counts)(N // blocks,
+                                                                       steps // blocks)
+    expected = per_block * blocks
+    for row in np.asarray(out.order):
+        np.testing.assert_array_equal(np.bincount(row[row >= 0], minlength=len(expected)),
+                                      expected)
+    assert dream_counts(N, N)[0] == 0 and dream_counts(N, N)[-1] == 2  # Dream's quirk
+
+
+# ----------------------------------------------------------------------------- rules
+
+def np_confidence(alg, logits):
+    """Independent NumPy confidences of the greedy token, [..., V] -> [...]."""
+    z = logits - logits.max(-1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    top = -np.sort(-p, -1)
+    if alg == "maskgit_plus":
+        return top[..., 0]
+    if alg == "topk_margin":
+        return top[..., 0] - top[..., 1]
+    return np.sum(p * np.log(np.maximum(p, 1e-30)), -1)  # entropy
+
+
+HAND = np.log(np.array([[0.60, 0.20, 0.20, 0.00],      # highest top-1 probability
+                        [0.58, 0.14, 0.14, 0.14],      # widest top-1 - top-2 margin
+                        [0.55, 0.45, 0.00, 0.00],      # lowest entropy
+                        [0.30, 0.30, 0.20, 0.20]]) + 1e-9)
+
+
+@pytest.mark.parametrize("alg,first", [("maskgit_plus", 0), ("topk_margin", 1), ("entropy", 2)])
+def test_rules_pick_the_position_numpy_picks(alg, first):
+    """On hand-made logits each rule commits first the position NumPy's confidence
+    picks; on random logits the whole unmasking order is NumPy's ranking."""
+    hand = np.full((1, 2 + 4, VOCAB), -30.0)
+    hand[0, 2:, :4] = HAND
+    assert np.argmax(np_confidence(alg, hand[0, 2:])) == first
+    out = run_fixed(hand, 2, alg=alg, schedule="even")
+    assert np.asarray(out.order)[0, 2 + first] == 0
+
+    rand = np.asarray(jax.random.normal(jax.random.key(3), (2, 3 + 10, VOCAB))) * 3
+    out = run_fixed(rand, 3, alg=alg, schedule="even")
+    conf = np_confidence(alg, rand[:, 3:, :MASK])  # the mask token is never proposed
+    np.testing.assert_array_equal(np.asarray(out.order)[:, 3:],
+                                  np.argsort(np.argsort(-conf, -1, kind="stable"), -1))
+
+
+def test_low_confidence_ignores_temperature_and_maskgit_plus_does_not():
+    """LLaDA's low_confidence is the untempered probability of the token; Dream's
+    maskgit_plus the probability under the tempered, filtered distribution."""
+    logits = jnp.asarray(jax.random.normal(jax.random.key(4), (2, 5, VOCAB)) * 3)
+    cfg = S.SampleConfig(temperature=0.5, alg="low_confidence")
+    x0, prob, conf = S.propose(logits, jax.random.key(0), cfg, MASK, None)
+    raw = jax.nn.softmax(logits.at[..., MASK].set(-jnp.inf), -1)
+    np.testing.assert_allclose(conf, np.take_along_axis(raw, x0[..., None], -1)[..., 0], rtol=1e-5)
+    tempered = jax.nn.softmax(logits.at[..., MASK].set(-jnp.inf) / 0.5, -1)
+    np.testing.assert_allclose(prob, np.take_along_axis(tempered, x0[..., None], -1)[..., 0],
+                               rtol=1e-5)
+
+
+def test_top_p_and_top_k_keep_the_tokens_numpy_keeps():
+    z = np.asarray(jax.random.normal(jax.random.key(5), (4, 40))) * 2
+    p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    for row in range(4):
+        desc = np.argsort(-p[row])
+        mass_before = np.cumsum(p[row][desc]) - p[row][desc]
+        keep = set(desc[mass_before <= 0.8])
+        got = np.isfinite(np.asarray(S._top_p(jnp.asarray(z), 0.8))[row])
+        assert set(np.flatnonzero(got)) == keep
+    got = np.isfinite(np.asarray(S._top_k(jnp.asarray(z), 5)))
+    np.testing.assert_array_equal(got.sum(-1), 5)
+    np.testing.assert_array_equal(np.sort(np.flatnonzero(got[0])), np.sort(np.argsort(-z[0])[:5]))
+
+
+def test_tokens_are_sampled_from_the_tempered_filtered_distribution():
+    """Frequencies of proposals match NumPy's softmax(logits / T) renormalised over
+    the top-p nucleus or the top-k."""
+    logits = np.full(VOCAB, -10.0)
+    logits[:5] = [2.0, 1.5, 1.0, 0.5, 0.0]
+    p = np.exp(logits / 0.7) / np.exp(logits / 0.7).sum()
+    mass_before = np.cumsum(p) - p
+    nucleus = int(np.sum(mass_before <= 0.8))  # Dream: keep while the mass before is <= p
+    assert nucleus == 3
+    keys = jax.random.split(jax.random.key(7), 4000)
+    for cfg, kept in ((S.SampleConfig(temperature=0.7), 5),
+                      (S.SampleConfig(temperature=0.7, top_p=0.8), nucleus),
+                      (S.SampleConfig(temperature=0.7, top_k=2), 2)):
+        x0 = jax.vmap(lambda k: S.propose(jnp.asarray(logits)[None, None], k, cfg, MASK,
+                                          None)[0][0, 0])(keys)
+        freq = np.bincount(np.asarray(x0), minlength=VOCAB) / len(keys)
+        want = np.where(np.arange(VOCAB) < kept, p, 0)
+        np.testing.assert_allclose(freq, want / want.sum(), atol=0.03)
+
+
+def test_alg_temp_samples_positions_from_softmax_of_confidence():
+    """k=1 of three eligible positions: frequencies match softmax(conf / alg_temp)."""
+    conf = jnp.array([[0.9, 0.5, 0.1, 2.0]])
+    eligible = jnp.array([[True, True, True, False]])
+    cfg = S.SampleConfig(alg="maskgit_plus", alg_temp=0.5)
+    keys = jax.random.split(jax.random.key(6), 4000)
+    picks = jax.vmap(lambda k: S.select(cfg, conf, eligible, jnp.array([1]), None, k))(keys)
+    freq = np.asarray(picks[:, 0].mean(0))
+    want = np.exp(np.array([0.9, 0.5, 0.1]) / 0.5)
+    want /= want.sum()
+    np.testing.assert_allclose(freq[:3], want, atol=0.03)
+    assert freq[3] == 0
+
+
+# ----------------------------------------------------------------------------- parallel
+
+def test_parallel_counts_match_fast_dllm_rules():
+    prob = jnp.array([[0.99, 0.95, 0.2, 0.92, 0.8, 0.1],
+                      [0.3, 0.2, 0.1, 0.05, 0.0, 0.0]])
+    eligible = jnp.array([[True] * 5 + [False], [True] * 4 + [False] * 2])
+    zero = jnp.zeros(2, jnp.int32)
+    thr = S.how_many(S.SampleConfig(parallel="threshold", threshold=0.9), eligible, prob, zero, zero)
+    np.testing.assert_array_equal(thr, [3, 1])  # row 2: none above tau, still one
+    for f in (0.5, 1.0, 2.0):
+        got = S.how_many(S.SampleConfig(parallel="factor", factor=f), eligible, prob, zero, zero)
+        for row in range(2):  # Fast-dLLM: the largest n with (n + 1)(1 - c_n) < f
+            c = -np.sort(-np.asarray(prob[row])[np.asarray(eligible[row])])
+            n = max([1] + [m for m in range(1, len(c) + 1) if (m + 1) * (1 - c[m - 1]) < f])
+            assert int(got[row]) == n
+
+
+def test_threshold_one_is_one_token_per_step_and_zero_is_one_step_per_block(params, prompts):
+    one = np.asarray(run(params, prompts, alg="maskgit_plus", parallel="threshold",
+                         threshold=1.0).order)[:, 8:]
+    for row in one:
+        np.testing.assert_array_equal(np.sort(row), np.arange(N))
+    out = run(params, prompts, alg="entropy", parallel="threshold", threshold=0.0, block_length=4)
+    np.testing.assert_array_equal(np.asarray(out.order)[:, 8:],
+                                  np.repeat(np.arange(N // 4), 4)[None].repeat(3, 0))
+    np.testing.assert_array_equal(out.steps, [N // 4] * 3)
+
+
+@pytest.mark.parametrize("kw", [dict(alg="random"),
+                                dict(alg="entropy", parallel="threshold", threshold=0.5)])
+def test_block_decoding_never_unmasks_right_of_the_current_block(params, prompts, kw):
+    order = np.asarray(run(params, prompts, block_length=4, steps=6, **kw).order)[:, 8:]
+    blocks = order.reshape(3, N // 4, 4)
+    # Every step of block b precedes every step of block b + 1.
+    assert (blocks.max(-1)[:, :-1] < blocks.min(-1)[:, 1:]).all()
+
+
+# ----------------------------------------------------------------------------- batching
+
+@pytest.mark.parametrize("kw", [dict(),
+                                dict(alg="maskgit_plus", parallel="threshold", threshold=0.3,
+                                     block_length=4, cache=True)])
+def test_greedy_batch_with_left_padding_equals_each_row_alone(params, prompts, kw):
+    batch = run(params, prompts, **kw)
+    x, valid = prompts
+    for row, pad in enumerate((5, 3, 0)):
+        alone = run(params, (x[row:row + 1, pad:], valid[row:row + 1, pad:]), **kw)
+        np.testing.assert_array_equal(batch.tokens[row, pad:], alone.tokens[0])
+        np.testing.assert_array_equal(batch.order[row, pad:], alone.order[0])
+        assert int(batch.steps[row]) == int(alone.steps[0])
+
+
+# ----------------------------------------------------------------------------- EOS
+
+def eos_logits(eos_at):
+    """Fixed logits for 2 rows x (2 prompt + 8 new): position i proposes token 1
+    with confidence falling left to right, except EOS at new position eos_at[row]
+    (most confident)."""
+    logits = np.zeros((2, 10, VOCAB))
+    logits[:, 2:, 1] = np.linspace(8, 4, 8)
+    for row, at in enumerate(eos_at):
+        logits[row, 2 + at, EOS] = 12.0
+    return logits
+
+
+def test_rows_stop_after_eos_and_the_rest_is_pad():
+    out = run_fixed(eos_logits([2, 5]), 2, eos=True, alg="maskgit_plus", schedule="even")
+    tokens, order = np.asarray(out.tokens)[:, 2:], np.asarray(out.order)[:, 2:]
+    np.testing.assert_array_equal(tokens[0], [1, 1, EOS] + [PAD] * 5)
+    np.testing.assert_array_equal(tokens[1], [1] * 5 + [EOS, PAD, PAD])
+    # EOS first (most confident), then left to right until nothing before it is masked.
+    np.testing.assert_array_equal(order[0], [1, 2, 0] + [-1] * 5)
+    np.testing.assert_array_equal(order[1], [1, 2, 3, 4, 5, 0, -1, -1])
+    np.testing.assert_array_equal(out.steps, [3, 6])
+
+
+def test_suppress_eos_commits_eos_last_in_its_block():
+    out = run_fixed(eos_logits([2, 5]), 2, eos=True, alg="maskgit_plus", schedule="even",
+                    suppress_eos=True, block_length=4)
+    order = np.asarray(out.order)[:, 2:]
+    # EOS waits for the rest of its block, however confident.
+    np.testing.assert_array_equal(order[0], [0, 1, 3, 2] + [-1] * 4)
+    np.testing.assert_array_equal(order[1], [0, 1, 2, 3, 4, 7, 5, 6])
+    np.testing.assert_array_equal(np.asarray(out.tokens)[:, 2:],
+                                  [[1, 1, EOS] + [PAD] * 5, [1] * 5 + [EOS, PAD, PAD]])
+    np.testing.assert_array_equal(out.steps, [4, 8])
+
+
+# ----------------------------------------------------------------------------- cache
+
+def test_cache_with_exact_refresh_matches_the_uncached_sampler(params, prompts):
+    kw = dict(alg="entropy", block_length=4, steps=N)
+    plain = run(params, prompts, **kw)
+    exact = run(params, prompts, cache=True, cache_refresh=1, **kw)
+    np.testing.assert_array_equal(exact.tokens, plain.tokens)
+    np.testing.assert_array_equal(exact.order, plain.order)
+    assert int(exact.refreshes) == N
+    approx = run(params, prompts, cache=True, **kw)
+    assert int(approx.refreshes) == N // 4
+    agreement = float((approx.tokens[:, 8:] == plain.tokens[:, 8:]).mean())
+    print(f"approximate cache (refresh once per block): {agreement:.0%} of tokens agree")
+
+
+def test_sample_config_from_dict_rejects_unknown_keys():
+    cfg = S.sample_config_from_dict({"alg": "entropy", "steps": 8, "prompt": "def f():"})
+    assert cfg.steps == 8
+    with pytest.raises(KeyError, match="temprature"):
+        S.sample_config_from_dict({"temprature": 0.2})
+    with pytest.raises(ValueError, match="alg"):
+        S.SampleConfig(alg="confidence")
+    with pytest.raises(ValueError, match="block_length"):
+        S.SampleConfig(cache=True)
