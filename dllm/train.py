@@ -213,6 +213,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                                 seed=config.seed, process_index=jax.process_index(),
                                 process_count=jax.process_count())
     train_iter = iter(make_ds(split="train"))
+    # Built now so that an unusable eval split fails before training, not after it.
+    eval_ds = make_ds(split="eval") if config.train.eval_every else None
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                    config.checkpoint.every, config.checkpoint.keep)
     if ckpt.latest_step() is not None:  # straight into the shardings: no init, no 2x memory
@@ -235,7 +237,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         eval_fn = jax.jit(functools.partial(
             elbo.nelbo, apply_fn=model_apply(model), mask_id=tok.mask_id,
             cfg=elbo.elbo_config_from_dict(config.loss), num_samples=config.train.eval_samples))
-        state = _loop(config, workdir, state, step_fn, eval_fn, train_iter, make_ds, ckpt,
+        state = _loop(config, workdir, state, step_fn, eval_fn, train_iter, eval_ds, ckpt,
                       lr, model_cfg, mesh)
     ckpt.close()
     if int(state.step) < config.train.steps:
@@ -246,7 +248,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     return state
 
 
-def _loop(config, workdir, state, step_fn, eval_fn, train_iter, make_ds, ckpt, lr,
+def _loop(config, workdir, state, step_fn, eval_fn, train_iter, eval_ds, ckpt, lr,
           model_cfg, mesh):
     """The step loop: log, eval, checkpoint; stops on a non-finite loss, and after
     saving on a preemption notice."""
@@ -280,7 +282,7 @@ def _loop(config, workdir, state, step_fn, eval_fn, train_iter, make_ds, ckpt, l
             host.update(lr=float(lr(step - 1)), tokens_per_s=tokens_per_step * len(pending) / dt,
                         mfu=flops_per_step * len(pending) / dt / ceiling)
             if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
-                host["eval_nelbo"] = evaluate_nelbo(eval_fn, state.params, make_ds(split="eval"),
+                host["eval_nelbo"] = evaluate_nelbo(eval_fn, state.params, eval_ds,
                                                     mesh, jax.random.PRNGKey(config.seed + 1),
                                                     tc.eval_batches)
             writer.write(step, host)
