@@ -149,9 +149,9 @@ def _confidence(alg: str, logits: Array, z: Array, lse: Array, prob: Array, x0: 
     if alg == "maskgit_plus":
         return prob
     if alg == "topk_margin":
-        vocab = jnp.arange(z.shape[-1])
         top1 = jnp.max(z, -1)
-        top2 = jnp.max(jnp.where(vocab == _argmax(z)[..., None], -jnp.inf, z), -1)
+        is_top1 = jnp.arange(z.shape[-1]) == _argmax(z, top1)[..., None]
+        top2 = jnp.max(jnp.where(is_top1, -jnp.inf, z), -1)
         return jnp.exp(top1 - lse) - jnp.exp(top2 - lse)
     if alg == "entropy":
         logp = z - lse[..., None]
@@ -163,10 +163,13 @@ def _confidence(alg: str, logits: Array, z: Array, lse: Array, prob: Array, x0: 
     return jnp.zeros(x0.shape)  # origin reveals at random; no ranking
 
 
-def _argmax(z: Array) -> Array:
+def _argmax(z: Array, z_max: Array | None = None) -> Array:
     """argmax over the last axis (first of ties) as max + min-index reductions, which
-    XLA:CPU vectorises (its argmax reduction ran ~6x slower over a 2048 vocabulary)."""
-    hit = z == jnp.max(z, -1, keepdims=True)
+    XLA:CPU vectorises (its argmax reduction ran ~6x slower over a 2048 vocabulary).
+    z_max: max(z, -1) [..., ] if already at hand."""
+    if z_max is None:
+        z_max = jnp.max(z, -1)
+    hit = z == z_max[..., None]
     return jnp.min(jnp.where(hit, jnp.arange(z.shape[-1]), z.shape[-1]), -1)
 
 
@@ -183,11 +186,12 @@ def propose(logits: Array, key, cfg: SampleConfig, mask_id: int, eos_id: int | N
     logits = jnp.where(jnp.arange(logits.shape[-1]) == mask_id, -jnp.inf, logits)
     z = logits / cfg.temperature if cfg.temperature > 0 else logits
     z = _top_k(_top_p(z, cfg.top_p), cfg.top_k)
-    lse = jax.nn.logsumexp(z, -1)
+    z_max = jnp.max(z, -1)  # finite: the vocabulary is never all filtered
+    lse = z_max + jnp.log(jnp.sum(jnp.exp(z - z_max[..., None]), -1))
     if cfg.temperature > 0:  # Gumbel-max: a sample of softmax(z)
         x0 = _argmax(z + jax.random.gumbel(k_sample, z.shape))
     else:
-        x0 = _argmax(z)
+        x0 = _argmax(z, z_max)
     prob = jnp.exp(_take(z, x0) - lse)
     confidence = _confidence(cfg.alg, logits, z, lse, prob, x0, k_rule)
     if cfg.suppress_eos:  # rank EOS last and let it count for no parallel commit
@@ -331,10 +335,10 @@ def _step(st: _State, params, rng, cfg: SampleConfig, apply_fn, valid, generated
 
     put = lambda x, new: update_rows(x, window_start, jnp.where(commit, new, at(x)))
     tokens = put(st.tokens, x0)
-    return _State(tokens=tokens, order=put(st.order, st.i), confidence=put(st.confidence, confidence),
-                  block=block, j=j + 1, done=_row_done(tokens, generated, mask_id, eos_id),
-                  steps=st.steps + active, i=st.i + 1, refreshes=st.refreshes + refreshed,
-                  cache=cache)
+    return _State(tokens=tokens, order=put(st.order, st.i),
+                  confidence=put(st.confidence, confidence), block=block, j=j + 1,
+                  done=_row_done(tokens, generated, mask_id, eos_id), steps=st.steps + active,
+                  i=st.i + 1, refreshes=st.refreshes + refreshed, cache=cache)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "apply_fn", "mask_id", "pad_id", "eos_id"))

@@ -25,7 +25,8 @@ def test_encode_prompts_left_pads_and_places_the_hole(run_dir):
     assert prompts.shape[1] == len(a) + len(hole) == valid[0].sum()
     np.testing.assert_array_equal(prompts[0], a + hole)
     np.testing.assert_array_equal(prompts[1, -len(b + hole):], b + hole)
-    assert not valid[1, :len(a) - len(b)].any() and (prompts[1, :len(a) - len(b)] == tok.pad_id).all()
+    pad = len(a) - len(b)
+    assert not valid[1, :pad].any() and (prompts[1, :pad] == tok.pad_id).all()
     assert "".join(sample.token_texts(tok, a)) == "def f(x):"
 
 

@@ -70,7 +70,8 @@ def test_every_masked_position_is_filled_once_and_the_prompt_never_changes(param
     tokens, order = np.asarray(out.tokens), np.asarray(out.order)
     generated = np.concatenate([np.asarray(x) == MASK, np.ones((3, N), bool)], 1)
     assert not (tokens == MASK).any()
-    np.testing.assert_array_equal(tokens[:, :8][~generated[:, :8]], np.asarray(x)[~generated[:, :8]])
+    given = ~generated[:, :8]
+    np.testing.assert_array_equal(tokens[:, :8][given], np.asarray(x)[given])
     assert (order[~generated] == -1).all() and (order[generated] >= 0).all()
     for row in range(3):
         steps = np.sort(order[row][generated[row]])
@@ -227,7 +228,8 @@ def test_parallel_counts_match_fast_dllm_rules():
                       [0.3, 0.2, 0.1, 0.05, 0.0, 0.0]])
     eligible = jnp.array([[True] * 5 + [False], [True] * 4 + [False] * 2])
     zero = jnp.zeros(2, jnp.int32)
-    thr = S.how_many(S.SampleConfig(parallel="threshold", threshold=0.9), eligible, prob, zero, zero)
+    cfg = S.SampleConfig(parallel="threshold", threshold=0.9)
+    thr = S.how_many(cfg, eligible, prob, zero, zero)
     np.testing.assert_array_equal(thr, [3, 1])  # row 2: none above tau, still one
     for f in (0.5, 1.0, 2.0):
         got = S.how_many(S.SampleConfig(parallel="factor", factor=f), eligible, prob, zero, zero)
