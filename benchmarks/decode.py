@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dllm import model as model_lib
-from dllm import sample, sampling, train
+from dllm import sampling, train
 
 CODE_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef list_files(path):\n",
                 "class Stack:\n    def __init__(self):\n", "def parse_args(argv):\n"]
@@ -73,7 +73,7 @@ def setup(name: str, batch: int, prompt_len: int, workdir: str | None):
         return model, params, prompts, jnp.ones(prompts.shape, bool), mask_id
     _, model, params, tok = train.load_run(workdir)
     texts = [CODE_PROMPTS[i % len(CODE_PROMPTS)] for i in range(batch)]
-    prompts, valid = sample.build_prompts(tok, texts, "", 0)
+    prompts, valid = sampling.encode_prompts(tok, texts)
     return model, params, jnp.asarray(prompts), jnp.asarray(valid), tok.mask_id
 
 

@@ -34,6 +34,19 @@ def device_name() -> str:
     return f"{jax.devices()[0].platform}: {model}, {jax.device_count()} device(s)"
 
 
+def time_steps(step, state, data, steps: int):
+    """(median seconds per step over `steps` steps after a warm-up, final state)."""
+    state, m = step(state, data)          # warm-up (and first-call overheads)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, m = step(state, data)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), state
+
+
 def bench_preset(name: str, steps: int, ceiling: float) -> dict:
     batch, seq = SHAPES[name]
     config = config_lib.base_config(name)
@@ -51,15 +64,7 @@ def bench_preset(name: str, steps: int, ceiling: float) -> dict:
         data = sharding.global_batch({"tokens": tokens}, mesh)
         compiled = step.lower(state, data).compile()
         mem = compiled.memory_analysis()
-        state, m = step(state, data)          # warm-up (and first-call overheads)
-        jax.block_until_ready(m)
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            state, m = step(state, data)
-            jax.block_until_ready(m)
-            times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
+        step_s, state = time_steps(step, state, data, steps)
     tokens_per_s = batch * seq / step_s
     flops = model_lib.flops_per_token(model_cfg, seq) * tokens_per_s
     return {

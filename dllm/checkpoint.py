@@ -1,14 +1,39 @@
 """Checkpoints: an orbax CheckpointManager holding the train state (params,
 optimizer state, step, rng) and the data iterator's state, saved together under
-DIR/checkpoints/<step>/. Saves are asynchronous; orbax commits a step atomically,
-so a run killed mid-save resumes from the previous complete step.
+DIR/checkpoints/<step>/. Saves are asynchronous and every process writes its own
+shards; orbax commits a step atomically, so a run killed mid-save (kill -9) resumes
+from the previous complete step. A preemption notice (SIGTERM, what a TPU VM gets
+before it is reclaimed) is honoured at the next step boundary: all processes save
+that step and stop.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 
 import jax
 import orbax.checkpoint as ocp
+
+_SIGTERM = threading.Event()
+
+
+@contextlib.contextmanager
+def catch_sigterm():
+    """Within: SIGTERM sets a flag (read by `Checkpointer.reached_preemption`) instead
+    of killing the process. Under jax.distributed, JAX's preemption service catches it
+    instead and agrees on a step with the other processes, so nothing is installed."""
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal needs it
+    if jax.distributed.is_initialized() or not in_main_thread:
+        yield
+        return
+    _SIGTERM.clear()
+    previous = signal.signal(signal.SIGTERM, lambda *_: _SIGTERM.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Checkpointer:
@@ -18,8 +43,9 @@ class Checkpointer:
         self.every = every
         self.manager = ocp.CheckpointManager(
             os.path.abspath(directory),
+            # cleanup_tmp_directories: drop the partial step a kill -9 mid-save leaves.
             options=ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
-                                                 create=True),
+                                                 create=True, cleanup_tmp_directories=True),
             item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                            "data": ocp.JsonCheckpointHandler()})
 
@@ -49,9 +75,19 @@ class Checkpointer:
         return restored["state"]["params"]
 
     def save(self, step: int, state, data_state: dict | None, force: bool = False) -> bool:
-        """Save if `step` is on the interval (or `force`); returns whether it saved."""
+        """Save if `step` is on the interval (or `force`); returns whether it saved.
+        Every process writes its shards of `state`; process 0 writes `data_state`,
+        which holds for all (their iterators are at the same position: data.make_dataset)."""
         return self.manager.save(step, force=force, args=ocp.args.Composite(
             state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state or {})))
+
+    def reached_preemption(self, step: int) -> bool:
+        """Whether to save `step` and stop: the step all processes agreed on after any
+        of them got a preemption notice (jax.distributed), or, in one process, whether
+        a SIGTERM arrived within `catch_sigterm()`. Call it at every step."""
+        if jax.distributed.is_initialized():
+            return self.manager.reached_preemption(step)
+        return _SIGTERM.is_set()
 
     def close(self):
         self.manager.wait_until_finished()

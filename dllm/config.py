@@ -10,7 +10,15 @@ Keys (scripts and docs rely on these names):
         as a fraction of lr), weight_decay, b1, b2, grad_clip, log_every, eval_every
         (0 = never), eval_batches, eval_samples (MC samples of the held-out NELBO)
   checkpoint.every, keep
-  mesh.data, fsdp, tensor    device-mesh sizes; one may be -1 (all remaining devices)
+  mesh.data, fsdp, tensor    device-mesh sizes within a slice; one may be -1 (all
+                        remaining devices)
+  mesh.dcn.data, fsdp, tensor   sizes across slices (multi-slice TPU; processes where
+                        devices have no slice); one may be -1 (all slices); default 1
+  mesh.rules            (logical axis, mesh axes) pairs: batch over data+fsdp, embed
+                        over fsdp, heads / kv_heads / mlp / vocab over tensor
+  distributed.coordinator_address   "host:port" of process 0 for multi-process runs
+                        outside a detected cluster; "" = auto-detect (TPU VMs, SLURM,
+                        ...) or one process; with num_processes, process_id, timeout_s
   sample.*              decoding settings for every place the stage generates, and
                         `prompt`, the code prompt completed at the end of training
   init.checkpoint       a run directory whose latest params start this run ("" = none)
@@ -21,7 +29,7 @@ import dataclasses
 
 import ml_collections
 
-from dllm import data, elbo, model
+from dllm import data, elbo, model, sharding
 
 
 def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
@@ -35,7 +43,9 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
                    weight_decay=0.01, b1=0.9, b2=0.999, grad_clip=1.0, log_every=50,
                    eval_every=0, eval_batches=4, eval_samples=4)
     c.checkpoint = dict(every=500, keep=2)
-    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, dcn=dict(data=1, fsdp=1, tensor=1),
+                  rules=sharding.DEFAULT_RULES)
+    c.distributed = dict(coordinator_address="", num_processes=1, process_id=0, timeout_s=300)
     c.sample = dict(prompt="def fibonacci(n):\n", max_new_tokens=48, temperature=0.0)
     c.init = dict(checkpoint="", hf_dir="")
     return c

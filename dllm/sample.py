@@ -54,20 +54,6 @@ def sample_config(run_sample) -> sampling.SampleConfig:
     return sampling.sample_config_from_dict(d)
 
 
-def build_prompts(tok, texts, suffix: str, n: int):
-    """Left-padded canvases [B, P] and valid [B, P]: prompt ids (+ n masks + suffix ids
-    when infilling)."""
-    hole = [tok.mask_id] * n + tok.encode(suffix) if suffix else []
-    rows = [tok.encode(t) + hole for t in texts]
-    width = max(map(len, rows))
-    prompts = np.full((len(rows), width), tok.pad_id, np.int32)
-    valid = np.zeros(prompts.shape, bool)
-    for i, row in enumerate(rows):
-        prompts[i, width - len(row):] = row
-        valid[i, width - len(row):] = True
-    return prompts, valid
-
-
 def token_texts(tok, ids) -> list[str]:
     """The text each token adds in context (decoding prefixes keeps the spaces)."""
     texts, prev = [], ""
@@ -131,7 +117,7 @@ def main(argv):
     texts = _PROMPT.value
     if _CHAT.value:
         texts = [tok.apply_chat_template([{"role": "user", "content": t}], True) for t in texts]
-    prompts, valid = build_prompts(tok, texts, _SUFFIX.value, cfg.max_new_tokens)
+    prompts, valid = sampling.encode_prompts(tok, texts, _SUFFIX.value, cfg.max_new_tokens)
     if _SUFFIX.value:  # the hole is in the prompt: nothing to append
         cfg = dataclasses.replace(cfg, max_new_tokens=0)
     out = sampling.generate(params, prompts, jax.random.PRNGKey(_SEED.value), cfg,

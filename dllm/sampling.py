@@ -40,6 +40,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dllm.model import KVCache, slice_rows, update_rows
 
@@ -391,3 +392,28 @@ def generate(params, prompts: Array, rng: Array, cfg: SampleConfig, *, apply_fn:
         raise ValueError("sample.suppress_eos needs an eos_id")
     return _generate(params, prompts, valid, rng, cfg=cfg, apply_fn=apply_fn, mask_id=mask_id,
                      pad_id=eos_id if pad_id is None else pad_id, eos_id=eos_id)
+
+
+def encode_prompts(tok, texts, suffix: str = "", n: int = 0, multiple: int = 1):
+    """Left-padded canvases [B, P] int32 and valid [B, P] bool from prompt strings: the
+    prompt ids, plus `n` mask tokens and the `suffix` ids when infilling (suffix set).
+    P is rounded up to `multiple` (fewer distinct shapes: fewer recompiles)."""
+    hole = [tok.mask_id] * n + tok.encode(suffix) if suffix else []
+    rows = [tok.encode(t) + hole for t in texts]
+    width = -(-max(map(len, rows)) // multiple) * multiple
+    prompts = np.full((len(rows), width), tok.pad_id, np.int32)
+    valid = np.zeros(prompts.shape, bool)
+    for i, row in enumerate(rows):
+        prompts[i, width - len(row):] = row
+        valid[i, width - len(row):] = True
+    return prompts, valid
+
+
+def completion_texts(tok, tokens, prompt_len: int, stop_ids) -> list[str]:
+    """The generated text of each row of `tokens` [B, P + N] (after `prompt_len`), cut
+    at the first of `stop_ids` (pad, EOS, <|im_end|>, ...)."""
+    out = []
+    for row in np.asarray(tokens)[:, prompt_len:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
+        out.append(tok.decode(row[:cut]))
+    return out

@@ -49,18 +49,33 @@ def make_optimizer(train_cfg):
     return tx, lr
 
 
-def init_state(model: nn.Module, tx, seed: int, mesh, rules):
-    """Initialise the train state directly into its shardings (no host copy).
-    Returns (state, state_shardings)."""
+def _init_fn(model: nn.Module, tx):
+    """rng -> TrainState whose params / optimizer state are boxed with logical axes."""
     def init_boxed(rng):
         params = model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), rng=rng)
+    return init_boxed
 
-    rng = jax.random.PRNGKey(seed)
+
+def abstract_state(model: nn.Module, tx, mesh, rules):
+    """(abstract state, state shardings) from `jax.eval_shape`: the state's leaves as
+    ShapeDtypeStructs carrying their shardings (derived from the logical annotations);
+    no array is allocated, so a 7B state costs nothing to plan or restore into."""
     with sharding.activate(mesh, rules):
-        shardings = sharding.logical_shardings(jax.eval_shape(init_boxed, rng), mesh, rules)
-        state = jax.jit(lambda r: nn.unbox(init_boxed(r)), out_shardings=shardings)(rng)
+        boxed = jax.eval_shape(_init_fn(model, tx), jax.random.PRNGKey(0))
+        shardings = sharding.logical_shardings(boxed, mesh, rules)
+    return abstract_like(nn.unbox(boxed), shardings), shardings
+
+
+def init_state(model: nn.Module, tx, seed: int, mesh, rules):
+    """Initialise the train state directly into its shardings (each device computes
+    only its shards: no host copy). Returns (state, state_shardings)."""
+    _, shardings = abstract_state(model, tx, mesh, rules)
+    init_boxed = _init_fn(model, tx)
+    with sharding.activate(mesh, rules):
+        state = jax.jit(lambda r: nn.unbox(init_boxed(r)), out_shardings=shardings)(
+            jax.random.PRNGKey(seed))
     return state, shardings
 
 
@@ -188,43 +203,55 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
     tx, lr = make_optimizer(config.train)
-    state, state_sh = init_state(model, tx, config.seed, mesh, rules)
+    abstract, state_sh = abstract_state(model, tx, mesh, rules)
 
+    if config.train.batch_size % jax.process_count():
+        raise ValueError(f"train.batch_size={config.train.batch_size} is not a multiple of the "
+                         f"{jax.process_count()} processes")
     per_process = config.train.batch_size // jax.process_count()
     make_ds = functools.partial(data.make_dataset, config.data, tok, batch_size=per_process,
                                 seed=config.seed, process_index=jax.process_index(),
                                 process_count=jax.process_count())
     train_iter = iter(make_ds(split="train"))
+    # Built now so that an unusable eval split fails before training, not after it.
+    eval_ds = make_ds(split="eval") if config.train.eval_every else None
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                    config.checkpoint.every, config.checkpoint.keep)
-    if ckpt.latest_step() is not None:
-        state, data_state = ckpt.restore(abstract_like(state, state_sh))
+    if ckpt.latest_step() is not None:  # straight into the shardings: no init, no 2x memory
+        state, data_state = ckpt.restore(abstract)
         train_iter.set_state(data_state)
-    elif config.init.checkpoint:
-        init = checkpoint.Checkpointer(os.path.join(config.init.checkpoint, "checkpoints"), 1, None)
-        state = state.replace(params=init.restore_params(abstract_like(state.params,
-                                                                       state_sh.params)))
-        init.close()
-    elif config.init.hf_dir:  # Hugging Face weights, read tensor by tensor into place
-        state = state.replace(params=convert.load_hf_params(config.init.hf_dir, model_cfg,
-                                                            state_sh.params))
+    else:
+        state, _ = init_state(model, tx, config.seed, mesh, rules)
+        if config.init.checkpoint:
+            init = checkpoint.Checkpointer(os.path.join(config.init.checkpoint, "checkpoints"),
+                                           1, None)
+            state = state.replace(params=init.restore_params(abstract.params))
+            init.close()
+        elif config.init.hf_dir:  # Hugging Face weights, read tensor by tensor into place
+            state = state.replace(params=convert.load_hf_params(config.init.hf_dir, model_cfg,
+                                                                state_sh.params))
 
-    with sharding.activate(mesh, rules):
+    with sharding.activate(mesh, rules), checkpoint.catch_sigterm():
         step_fn = jit_train_step(make_train_step(stage_loss(config, model, tok.mask_id), tx),
                                  state_sh, mesh)
         eval_fn = jax.jit(functools.partial(
             elbo.nelbo, apply_fn=model_apply(model), mask_id=tok.mask_id,
             cfg=elbo.elbo_config_from_dict(config.loss), num_samples=config.train.eval_samples))
-        state = _loop(config, workdir, state, step_fn, eval_fn, train_iter, make_ds, ckpt,
+        state = _loop(config, workdir, state, step_fn, eval_fn, train_iter, eval_ds, ckpt,
                       lr, model_cfg, mesh)
     ckpt.close()
+    if int(state.step) < config.train.steps:
+        print(f"preempted: saved step {int(state.step)} in {workdir}/checkpoints; rerun the same "
+              "command to resume")
+        return state
     print_sample(config, workdir, model, state.params, tok)
     return state
 
 
-def _loop(config, workdir, state, step_fn, eval_fn, train_iter, make_ds, ckpt, lr,
+def _loop(config, workdir, state, step_fn, eval_fn, train_iter, eval_ds, ckpt, lr,
           model_cfg, mesh):
-    """The step loop: log, eval, checkpoint; stops on a non-finite loss."""
+    """The step loop: log, eval, checkpoint; stops on a non-finite loss, and after
+    saving on a preemption notice."""
     tc = config.train
     tokens_per_step = tc.batch_size * config.data.seq_len
     flops_per_step = model_lib.flops_per_token(model_cfg, config.data.seq_len) * tokens_per_step
@@ -239,7 +266,8 @@ def _loop(config, workdir, state, step_fn, eval_fn, train_iter, make_ds, ckpt, l
         pending.append(step_metrics)
         bar.update(1)
         log_now = step % tc.log_every == 0 or step in (start + 1, tc.steps)
-        save_now = step % config.checkpoint.every == 0 or step == tc.steps
+        preempted = ckpt.reached_preemption(step)
+        save_now = step % config.checkpoint.every == 0 or step == tc.steps or preempted
         if not (log_now or save_now):
             continue
         # Logged values are means over the steps since the last log (one transfer).
@@ -254,14 +282,16 @@ def _loop(config, workdir, state, step_fn, eval_fn, train_iter, make_ds, ckpt, l
             host.update(lr=float(lr(step - 1)), tokens_per_s=tokens_per_step * len(pending) / dt,
                         mfu=flops_per_step * len(pending) / dt / ceiling)
             if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
-                host["eval_nelbo"] = evaluate_nelbo(eval_fn, state.params, make_ds(split="eval"),
+                host["eval_nelbo"] = evaluate_nelbo(eval_fn, state.params, eval_ds,
                                                     mesh, jax.random.PRNGKey(config.seed + 1),
                                                     tc.eval_batches)
             writer.write(step, host)
             bar.set_postfix(loss=f"{host['loss']:.3f}", acc=f"{host['accuracy']:.3f}")
             t_last, pending = time.perf_counter(), []
         if save_now:
-            ckpt.save(step, state, train_iter.get_state(), force=step == tc.steps)
+            ckpt.save(step, state, train_iter.get_state(), force=step == tc.steps or preempted)
+        if preempted:
+            break
     bar.close()
     writer.close()
     return state

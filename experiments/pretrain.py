@@ -23,9 +23,9 @@ def get_config(arg: str = "tiny"):
         c.model.vocab_size = 512
         c.data.update(source="stdlib", seq_len=128, vocab_size=512, max_documents=400,
                       eval_fraction=0.02)
-        c.train.update(steps=800, batch_size=16, lr=2e-3, b2=0.98, warmup_steps=50,
-                       log_every=50, eval_every=400)
-        c.checkpoint.update(every=200, keep=2)
+        c.train.update(steps=1000, batch_size=16, lr=2e-3, b2=0.98, warmup_steps=50,
+                       log_every=50, eval_every=500)
+        c.checkpoint.update(every=250, keep=2)
         return c
     if arg == "adapt":
         c = base_config("qwen2.5-coder-0.5b")

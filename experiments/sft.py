@@ -16,7 +16,7 @@ def get_config(arg: str = "tiny"):
         c = base_config("tiny")
         c.model.vocab_size = 512
         c.data.update(source="sft", path="experiments/data/sft_tiny.jsonl", seq_len=128,
-                      vocab_size=512, eval_fraction=0.05)
+                      vocab_size=512, eval_fraction=0.15)   # 18 pairs: one eval batch
         c.train.update(steps=300, batch_size=16, lr=2e-3, b2=0.98, warmup_steps=30,
                        log_every=50, eval_every=300)
         c.checkpoint.update(every=100, keep=2)

@@ -208,7 +208,8 @@ def test_shuffle_determined_by_seed_and_new_each_epoch(tok, corpus):
 @pytest.mark.parametrize("split", ["train", "eval"])
 def test_each_sequence_read_by_exactly_one_process_per_epoch(tok, corpus, split):
     cfg, count = _cfg(path=corpus), 3
-    expected = _packed(tok, cfg, split)
+    expected = collections.Counter(_packed(tok, cfg, split))
+    assert max(expected.values()) == 1   # distinct sequences: a repeat would show
     per_process = len(expected) // count
     union = collections.Counter()
     for index in range(count):
@@ -216,7 +217,22 @@ def test_each_sequence_read_by_exactly_one_process_per_epoch(tok, corpus, split)
                                     process_index=index, process_count=count))
         union += _rows(_take(it, per_process))
     assert per_process > 0
-    assert union == collections.Counter(expected[:per_process * count])
+    assert sum(union.values()) == per_process * count and max(union.values()) == 1
+    assert not union - expected
+
+
+def test_global_batches_do_not_depend_on_the_process_count(tok, corpus):
+    """Process p's b-th batch is rows [p B, (p+1) B) of the one-process run's b-th
+    global batch of P x B rows: a sharded run sees the data of a one-process run."""
+    cfg, count, local = _cfg(path=corpus), 2, 2
+    whole = _take(iter(data.make_dataset(cfg, tok, split="train", batch_size=count * local,
+                                         seed=7)), 6)
+    parts = [_take(iter(data.make_dataset(cfg, tok, split="train", batch_size=local, seed=7,
+                                          process_index=p, process_count=count)), 6)
+             for p in range(count)]
+    for b, batch in enumerate(whole):
+        np.testing.assert_array_equal(
+            batch["tokens"], np.concatenate([parts[p][b]["tokens"] for p in range(count)]))
 
 
 # ----------------------------------------------------------------------------- checkpointing

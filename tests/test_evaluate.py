@@ -236,3 +236,27 @@ def test_cli_reports_a_bad_samples_file(tmp_path):
         env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert done.returncode != 0
     assert "samples.jsonl:1: invalid JSON" in done.stderr
+
+
+def test_overrides_parse_values_and_reject_bare_words():
+    assert evaluate._parse_overrides("temperature=0.3, alg=entropy,cache=true,steps=8") == {
+        "temperature": 0.3, "alg": "entropy", "cache": True, "steps": 8}
+    with pytest.raises(ValueError, match="key=value"):
+        evaluate._parse_overrides("temperature")
+
+
+def test_checkpoint_sample_fn_decodes_with_the_runs_model(tmp_path):
+    from dllm import train
+    from test_train import tiny_run_config
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(tiny_run_config(steps=2), workdir)
+    sample_fn, template, info = evaluate.checkpoint_sample_fn(
+        workdir, {"max_new_tokens": 6, "temperature": 1.0}, seed=3)
+    prompts = ["def f(x):\n", "import os\n    x = 1\n", "class A:\n"]
+    first, second = sample_fn(prompts), sample_fn(prompts)
+    assert len(first) == 3 and all(isinstance(c, str) for c in first)
+    assert first != second            # a fresh key per call
+    assert template([{"role": "user", "content": "hi"}]).endswith("<|im_start|>assistant\n")
+    assert info["temperature"] == 1.0
+    with pytest.raises(KeyError, match="temprature"):
+        evaluate.checkpoint_sample_fn(workdir, {"temprature": 1.0})

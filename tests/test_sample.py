@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from dllm import sample, train
+from dllm import sample, sampling, train
 from test_train import tiny_run_config
 
 
@@ -17,9 +17,9 @@ def run_dir(tmp_path_factory):
     return workdir
 
 
-def test_build_prompts_left_pads_and_places_the_hole(run_dir):
+def test_encode_prompts_left_pads_and_places_the_hole(run_dir):
     tok = train.load_run(run_dir)[3]
-    prompts, valid = sample.build_prompts(tok, ["def f(x):", "x"], "    return y", 3)
+    prompts, valid = sampling.encode_prompts(tok, ["def f(x):", "x"], "    return y", 3)
     a, b = tok.encode("def f(x):"), tok.encode("x")
     hole = [tok.mask_id] * 3 + tok.encode("    return y")
     assert prompts.shape[1] == len(a) + len(hole) == valid[0].sum()

@@ -128,3 +128,12 @@ def test_checkpoint_shape_mismatch_names_the_parameter(tiny_run, tmp_path):
     config.model.mlp = 96
     with pytest.raises(ValueError, match="layers/mlp/.*kernel"):
         train.train_and_evaluate(config, workdir)
+
+
+def test_unusable_eval_split_fails_before_training(tmp_path):
+    config = tiny_run_config()
+    config.data.update(max_documents=20, eval_fraction=0.05)   # one document held out
+    config.train.batch_size = 64
+    with pytest.raises(ValueError, match="eval split"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
