@@ -3,8 +3,11 @@
 Responses are padded with <|dlm_pad|> to a fixed length and the pads are trained on,
 as in DiffuCoder; `--config.loss.train_on_pad=False` is the "flexible padding" variant.
 
-  tiny  ~200 synthetic Python instructions (experiments/data/sft_tiny.jsonl), from scratch
-        or from a Stage-1/2 run with --config.init.checkpoint=RUN_DIR.
+  tiny        ~200 synthetic Python instructions (experiments/data/sft_tiny.jsonl), from
+              scratch or from a Stage-1/2 run with --config.init.checkpoint=RUN_DIR.
+  tasks_tiny  the training split of the synthetic task families (dllm.tasks,
+              "synthetic:train") in DiffuCoder's RL prompt format: the warm-up that
+              experiments/coupled_grpo.py:tiny starts from.
   7b    the paper's recipe: 436K instruction pairs, length 2048, 5 epochs, LR 1e-5,
         warmup ratio 0.1, cosine to 10% (global batch 256, an assumption: ~8.5k steps).
 """
@@ -22,6 +25,18 @@ def get_config(arg: str = "tiny"):
         c.checkpoint.update(every=100, keep=2)
         c.sample.prompt = "<|im_start|>user\nWrite a function that adds two numbers.<|im_end|>\n<|im_start|>assistant\n"
         return c
+    if arg == "tasks_tiny":
+        c = base_config("tiny")
+        c.model.vocab_size = 512
+        c.data.update(source="tasks", path="synthetic:train", seq_len=128, vocab_size=512,
+                      eval_fraction=0.1)   # 17 of the 172 training tasks: one eval batch
+        c.train.update(steps=400, batch_size=16, lr=2e-3, b2=0.98, warmup_steps=40,
+                       log_every=50, eval_every=400)
+        c.checkpoint.update(every=200, keep=1)
+        c.sample.prompt = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                           "<|im_start|>user\nWrite a Python function `add_5(x)` that returns "
+                           "`x` plus 5.<|im_end|>\n<|im_start|>assistant\n")
+        return c
     if arg == "7b":
         c = base_config("7b")
         c.model.update(dtype="bfloat16", remat="full")
@@ -33,4 +48,4 @@ def get_config(arg: str = "tiny"):
         c.mesh.update(data=1, fsdp=-1, tensor=1)
         c.sample.update(max_new_tokens=256, temperature=0.3)
         return c
-    raise ValueError(f"unknown variant {arg!r} of experiments/sft.py; allowed: tiny, 7b")
+    raise ValueError(f"unknown variant {arg!r} of experiments/sft.py; allowed: tiny, tasks_tiny, 7b")
