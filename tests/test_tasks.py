@@ -1,15 +1,97 @@
-"""Synthetic task families, the train / held-out split, DiffuCoder's prompt format."""
+"""Task suites (HumanEval, jsonl files of every test style, the synthetic families and
+their train / held-out split), prompts (DiffuCoder's RL format too) and programs."""
+import gzip
+import json
+
 import ml_collections
 import pytest
 
-from dllm import data, rewards, tasks
+from dllm import data, rewards
+from dllm import tasks as tasks_lib
+from dllm import tokenizer as tokenizer_lib
 
 FENCE = "```"
 
 
 @pytest.fixture(scope="module")
+def humaneval():
+    return tasks_lib.load_tasks("humaneval")
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+MBPP_LIKE = {"task_id": 11, "prompt": "Write add.", "entry_point": "add",
+             "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"],
+             "test_imports": ["import math"]}
+HE_LIKE = {"task_id": "t/1", "prompt": "def mul(a, b):\n", "entry_point": "mul",
+           "test": "def check(candidate):\n    assert candidate(2, 3) == 6\n"}
+UNITTEST_LIKE = {"task_id": "t/2", "prompt": "def neg(a):\n", "entry_point": "neg",
+                 "test": "import unittest\nclass TestCases(unittest.TestCase):\n"
+                         "    def test_neg(self):\n        self.assertEqual(neg(2), -2)\n"}
+
+
+def test_humaneval_has_164_tasks_with_check_code(humaneval):
+    assert len(humaneval) == tasks_lib.HUMANEVAL_SIZE == 164
+    assert len({t.task_id for t in humaneval}) == 164
+    assert all(len(t.tests) == 1 and f"check({t.entry_point})" in t.tests[0] for t in humaneval)
+
+
+def test_gzipped_suite(tmp_path):
+    path = tmp_path / "tasks.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps(HE_LIKE) + "\n")
+    assert tasks_lib.load_tasks(str(path))[0].task_id == "t/1"
+
+
+def test_bad_files_name_the_file_and_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        tasks_lib.load_tasks(str(tmp_path / "missing.jsonl"))
+    bad_json = write_jsonl(tmp_path / "a.jsonl", [HE_LIKE, "{not json"])
+    with pytest.raises(ValueError, match=r"a\.jsonl:2: malformed JSON"):
+        tasks_lib.load_tasks(bad_json)
+    no_entry = write_jsonl(tmp_path / "b.jsonl", [{**HE_LIKE, "entry_point": None}])
+    with pytest.raises(ValueError, match=r"b\.jsonl:1: missing or invalid key 'entry_point'"):
+        tasks_lib.load_tasks(no_entry)
+    no_tests = write_jsonl(tmp_path / "c.jsonl", [{"task_id": 1, "prompt": "", "entry_point": "f"}])
+    with pytest.raises(ValueError, match=r"c\.jsonl:1: needs `test` code"):
+        tasks_lib.load_tasks(no_tests)
+    duplicate = write_jsonl(tmp_path / "d.jsonl", [HE_LIKE, HE_LIKE])
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: duplicate task_id"):
+        tasks_lib.load_tasks(duplicate)
+
+
+def test_build_prompt_styles(humaneval):
+    task = humaneval[0]
+    assert tasks_lib.build_prompt(task, "base") == task.prompt
+    prompt = tasks_lib.build_prompt(task, "instruct")
+    assert task.prompt.strip() in prompt
+    assert prompt.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
+    assert prompt.endswith("<|im_start|>assistant\n```python\n")
+    assert not tasks_lib.build_prompt(task, "instruct", answer_prefix=False).endswith(FENCE + "python\n")
+    custom = tasks_lib.build_prompt(task, "instruct", chat_template=lambda m: f"[{m[-1]['role']}]")
+    assert custom == "[user]```python\n"
+
+
+def test_the_default_chat_template_is_the_tokenizers(humaneval):
+    messages = [{"role": "user", "content": "hi"}]
+    assert tokenizer_lib.chat_template(messages) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    assert tasks_lib.build_prompt(humaneval[0]).startswith(
+        tokenizer_lib.chat_template([{"role": "system", "content": "You are a helpful assistant."}],
+                                    add_generation_prompt=False))
+
+
+# ---- synthetic families ----
+
+@pytest.fixture(scope="module")
 def suites():
-    return tasks.synthetic_tasks("train"), tasks.synthetic_tasks("heldout")
+    return tasks_lib.synthetic_tasks("train"), tasks_lib.synthetic_tasks("heldout")
 
 
 def run_locally(solution: str, tests) -> bool:
@@ -29,22 +111,22 @@ def test_split_is_disjoint_deterministic_and_covers_every_family(suites):
     assert len(train) > 2 * len(held) > 0
     assert not {t.task_id for t in train} & {t.task_id for t in held}
     assert len({t.task_id for t in train + held}) == len(train) + len(held)
-    for family in tasks.FAMILIES:
+    for family in tasks_lib.FAMILIES:
         assert any(t.entry_point.startswith(family.name + "_") for t in held), family.name
         assert sum(t.entry_point.startswith(family.name + "_") for t in train) >= 1
-    assert {f.category for f in tasks.FAMILIES} == {"arithmetic", "strings", "lists"}
-    assert tasks.synthetic_tasks("train") == train                    # same seed, same tasks
-    other = tasks.synthetic_tasks("heldout", seed=1)
+    assert {f.category for f in tasks_lib.FAMILIES} == {"arithmetic", "strings", "lists"}
+    assert tasks_lib.synthetic_tasks("train") == train                    # same seed, same tasks
+    other = tasks_lib.synthetic_tasks("heldout", seed=1)
     assert {t.task_id for t in other} != {t.task_id for t in held}
-    assert tasks.load_tasks("synthetic:heldout") == held
+    assert tasks_lib.load_tasks("synthetic:heldout") == held
     with pytest.raises(ValueError, match="split"):
-        tasks.synthetic_tasks("test")
+        tasks_lib.synthetic_tasks("test")
 
 
 def test_reference_solutions_pass_and_neighbours_fail(suites):
     train, held = suites
     by_entry = {t.entry_point: t for t in train + held}
-    for family in tasks.FAMILIES:
+    for family in tasks_lib.FAMILIES:
         for k, k_next in zip(family.params, family.params[1:]):
             task, other = by_entry[f"{family.name}_{k}"], by_entry[f"{family.name}_{k_next}"]
             assert len(task.tests) == 3 and len(set(task.tests)) == 3
@@ -57,7 +139,7 @@ def test_reference_solutions_pass_and_neighbours_fail(suites):
 def test_reference_responses_earn_the_full_reward_in_the_sandbox(suites):
     train, _ = suites
     one_per_family = list({t.entry_point.rsplit("_", 1)[0]: t for t in train}.values())
-    responses = [response for _, response in tasks.sft_pairs(one_per_family)]
+    responses = [response for _, response in tasks_lib.sft_pairs(one_per_family)]
     out = rewards.compute_rewards(responses, [t.tests for t in one_per_family], workers=2)
     assert out.total.tolist() == [2.5] * len(one_per_family)
     bad = rewards.compute_rewards([responses[0]], [one_per_family[1].tests], workers=1)
@@ -66,26 +148,26 @@ def test_reference_responses_earn_the_full_reward_in_the_sandbox(suites):
 
 def test_diffucoder_prompt_appends_the_first_test_without_a_code_block(suites):
     task = suites[1][0]
-    assert tasks.question(task) == f"{task.prompt}\nTest cases: {task.tests[0]}"
-    assert tasks.build_prompt(task, "diffucoder") == (
+    assert tasks_lib.question(task) == f"{task.prompt}\nTest cases: {task.tests[0]}"
+    assert tasks_lib.build_prompt(task, "diffucoder") == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         f"<|im_start|>user\n{task.prompt}\nTest cases: {task.tests[0]}<|im_end|>\n"
         "<|im_start|>assistant\n")
-    with_code = tasks.Task("x", f"Complete this:\n{FENCE}\ndef f(x):\n{FENCE}\n", "f",
+    with_code = tasks_lib.Task("x", f"Complete this:\n{FENCE}\ndef f(x):\n{FENCE}\n", "f",
                            ("assert f(1) == 2",))
-    assert tasks.question(with_code) == with_code.prompt
-    assert tasks.build_prompt(with_code, "diffucoder", answer_prefix=True).endswith(
+    assert tasks_lib.question(with_code) == with_code.prompt
+    assert tasks_lib.build_prompt(with_code, "diffucoder", answer_prefix=True).endswith(
         "<|im_start|>assistant\n")
     with pytest.raises(ValueError, match="style"):
-        tasks.build_prompt(task, "chat")
+        tasks_lib.build_prompt(task, "chat")
 
 
 def test_sft_pairs_and_the_tasks_data_source(suites):
     train, _ = suites
-    pairs = tasks.sft_pairs(train)
-    assert pairs[0] == (tasks.question(train[0]), f"{FENCE}python\n{train[0].solution}{FENCE}")
+    pairs = tasks_lib.sft_pairs(train)
+    assert pairs[0] == (tasks_lib.question(train[0]), f"{FENCE}python\n{train[0].solution}{FENCE}")
     cfg = ml_collections.ConfigDict(dict(data.default_config(), source="tasks",
                                          path="synthetic:train"))
     assert data.load_pairs(cfg) == pairs
     with pytest.raises(ValueError, match="reference solution"):
-        tasks.sft_pairs([tasks.Task("x", "q", "f", ("assert True",))])
+        tasks_lib.sft_pairs([tasks_lib.Task("x", "q", "f", ("assert True",))])
