@@ -29,8 +29,13 @@ Keys (scripts and docs rely on these names):
   init.checkpoint       a run directory whose latest params start this run ("" = none)
   init.hf_dir           or a Hugging Face model directory (Qwen2 / Dream safetensors) whose
                         weights and tokenizer start it; model.* must match its config.json
+  init.warmup           an experiment ("experiments/sft.py:tasks_tiny") trained first, in
+                        WORKDIR/warmup, when neither init.checkpoint nor init.hf_dir is set;
+                        the run then starts from it ("" = none)
 """
 import dataclasses
+import importlib.util
+import os
 
 import ml_collections
 
@@ -54,5 +59,16 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.distributed = dict(coordinator_address="", num_processes=1, process_id=0, timeout_s=300)
     c.sample = dict(prompt="def fibonacci(n):\n", **dataclasses.asdict(sampling.SampleConfig()))
     c.sample.max_new_tokens = 48
-    c.init = dict(checkpoint="", hf_dir="")
+    c.init = dict(checkpoint="", hf_dir="", warmup="")
     return c
+
+
+def load_experiment(spec: str) -> ml_collections.ConfigDict:
+    """The config of "path/to/experiment.py:variant" (as --config= takes it)."""
+    path, _, variant = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"experiment {spec!r}: no file {path!r}")
+    module_spec = importlib.util.spec_from_file_location("_experiment", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()

@@ -35,12 +35,16 @@ policy see the same masks however the batch is split into micro-batches or shard
 from __future__ import annotations
 
 import dataclasses
+import functools
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
-from dllm import elbo
+from dllm import elbo, evaluate as evaluate_lib, rewards, sampling, sharding, tasks as tasks_lib
+from dllm.stage import BatchSource, Stage, StageContext
 
 Array = jax.Array
 
@@ -86,6 +90,23 @@ class GrpoConfig:
         if self.estimator in ("full_mask", "d1"):
             return 1
         return 2 * self.pairs + int(self.full_pass)
+
+
+def default_config() -> dict:
+    """`config.grpo`: the GrpoConfig fields and the stage's own keys (defaults: the
+    released DiffuCoder recipe where it has one)."""
+    return dict(
+        dataclasses.asdict(GrpoConfig()),
+        tasks="",                      # training task suite (dllm.tasks.load_tasks name or jsonl)
+        eval_tasks="",                 # held-out suite for eval_pass_at_1 / eval_reward
+        eval_style="diffucoder",       # held-out prompts: diffucoder | instruct (EvalPlus's)
+        eval_samples=1,                # completions per held-out task
+        eval_temperature=0.4,          # held-out decoding temperature (else config.sample)
+        max_prompt_len=200,            # prompts are left-truncated (and padded) to this
+        execution_weight=2.0,          # reward = 2.0 x execution + 0.5 x format
+        format_weight=0.5,
+        timeout=5.0,                   # seconds per test case
+        workers=0)                     # sandbox processes; 0 = CPU count
 
 
 def grpo_config_from_dict(d) -> GrpoConfig:
@@ -256,3 +277,292 @@ def mix_reference(ref, params, step: Array, alpha: float, every: int):
     mix = lambda: jax.tree.map(lambda r, p: ((1 - alpha) * r + alpha * p).astype(r.dtype),
                                ref, params)
     return jax.lax.cond(step % every == 0, mix, lambda: ref)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def left_pad(rows, width: int, pad_id: int):
+    """Token-id lists -> (tokens [B, width] int32, valid [B, width] bool): each row cut
+    to its last `width` ids (prompts are left-truncated), then left-padded."""
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    valid = np.zeros((len(rows), width), bool)
+    for i, row in enumerate(rows):
+        row = row[-width:]
+        tokens[i, width - len(row):] = row
+        valid[i, width - len(row):] = True
+    return tokens, valid
+
+
+def _gather(x) -> np.ndarray:
+    """A global jax.Array -> all of it on every process; numpy rows of each process ->
+    their concatenation in process order."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _block(n_rows: int) -> slice:
+    """This process's block of the rows of a global batch."""
+    per = n_rows // jax.process_count()
+    return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+def on_mesh(fn, batch: dict, mesh):
+    """fn(global batch) -> pytree of [B, ...] arrays, for a batch whose rows every
+    process holds (numpy, with a `row` field = arange(B)): each process passes its
+    block; returns the output's rows in batch order, on every process."""
+    local = sharding.global_batch({k: v[_block(len(v))] for k, v in batch.items()}, mesh)
+    out = fn(local)
+    order = np.argsort(_gather(local["row"]))
+    return jax.tree.map(lambda x: _gather(x)[order], out)
+
+
+# The pending rollout's arrays (whole batch, the same on every process) and their dtypes.
+ROLLOUT_ARRAYS = {"tokens": np.int32, "valid": np.bool_, "loss_mask": np.bool_,
+                  "advantages": np.float32, "old_logp": np.float32, "ref_logp": np.float32,
+                  "mask_seeds": np.int32, "row": np.int32}
+
+
+class Rollouts(BatchSource):
+    """The stage's batches: every `iterations` optimizer steps a rollout of
+    train.batch_size completions (G per prompt, groups in consecutive rows) from the
+    current params, scored in the sandbox, with advantages and the old and reference
+    log-probs of every inner iteration; then one batch per inner iteration, each with
+    its own mask seed. Each process decodes, scores and trains on its block of rows;
+    rewards and completions are gathered, so groups may span processes.
+
+    State (JSON): prompts consumed, rollouts made, the pending rollout and its next
+    iteration, so a run resumed between inner iterations goes on with the same rollout."""
+
+    def __init__(self, ctx: StageContext, cfg: GrpoConfig, train_tasks: list):
+        c = ctx.config
+        self.ctx, self.cfg, self.tasks, self.tok = ctx, cfg, train_tasks, ctx.tokenizer
+        self.rows = c.train.batch_size
+        if self.rows % cfg.generations or self.rows % jax.process_count():
+            raise ValueError(f"config.train.batch_size={self.rows} must be a multiple of "
+                             f"grpo.generations={cfg.generations} and of the "
+                             f"{jax.process_count()} process(es)")
+        self.width, self.seed = c.grpo.max_prompt_len, c.seed
+        self.sample_cfg = sampling.sample_config_from_dict(c.sample)
+        self.reward_cfg = reward_config(c.grpo)
+        self.workers = c.grpo.workers or None
+        self.prompt_ids = [self.tok.encode(p) for p in prompts(train_tasks, "diffucoder",
+                                                               self.tok)]
+        self.logps_fn = jax.jit(functools.partial(token_logps, apply_fn=ctx.apply_fn, cfg=cfg,
+                                                  mask_id=self.tok.mask_id))
+        self.position = self.count = self.iteration = 0
+        self.pending = None
+        self.figures, self.times, self._t_last = [], {}, None
+
+    def decode(self, params, prompt_ids: list, rng, cfg: sampling.SampleConfig):
+        """Completions of a batch of prompts (token-id lists). Returns the prompts
+        (tokens, valid) [B, P], left-truncated and padded to P = grpo.max_prompt_len,
+        and the decoded (tokens [B, P + N], model calls [B])."""
+        tokens, valid = left_pad(prompt_ids, self.width, self.tok.pad_id)
+
+        def generate(b):
+            out = sampling.generate(params, b["tokens"], rng, cfg, apply_fn=self.ctx.apply_fn,
+                                    mask_id=self.tok.mask_id, pad_id=self.tok.pad_id,
+                                    eos_id=self.tok.eos_id, valid=b["valid"])
+            return out.tokens, out.steps
+        batch = {"tokens": tokens, "valid": valid, "row": np.arange(len(tokens), dtype=np.int32)}
+        return (tokens, valid), on_mesh(generate, batch, self.ctx.mesh)
+
+    def _time(self, key: str, since: float) -> float:
+        now = time.perf_counter()
+        self.times[key] = self.times.get(key, 0.0) + now - since
+        return now
+
+    def exclude_from_update(self, key: str, since: float) -> None:
+        """Counts the time since `since` under `key` (e.g. evaluation between two
+        steps) and not as update time."""
+        now = self._time(key, since)
+        if self._t_last is not None:
+            self._t_last += now - since
+
+    def rollout(self, state) -> dict:
+        """A new rollout batch (see ROLLOUT_ARRAYS) from state.params."""
+        cfg, g = self.cfg, self.cfg.generations
+        t = time.perf_counter()
+        order = lambda epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.tasks))
+        picks = [int(order(i // len(self.tasks))[i % len(self.tasks)])
+                 for i in range(self.position, self.position + self.rows // g)]
+        rows = np.repeat(picks, g)
+        rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), self.count)
+        (_, prompt_valid), (tokens, steps) = self.decode(
+            state.params, [self.prompt_ids[i] for i in rows], rng, self.sample_cfg)
+        t = self._time("rollout_s", t)
+        completion = tokens[:, self.width:]
+        texts = sampling.completion_texts(self.tok, completion, 0, sampling.stop_ids(self.tok))
+        mine = _block(len(rows))
+        scored = rewards.compute_rewards(texts[mine], [self.tasks[i].tests for i in rows[mine]],
+                                         self.reward_cfg, self.workers)
+        parts = {k: _gather(getattr(scored, k)) for k in ("total", "format", "execution")}
+        passed = _gather(np.array([r is not None and r.passed for r in scored.results]))
+        t = self._time("scoring_s", t)
+        batch = completion_batch(tokens, prompt_valid, self.tok.im_end_id)
+        batch["advantages"] = group_advantages(parts["total"], g, cfg.advantage, cfg.scale_std)
+        batch["mask_seeds"] = np.array([mask_seed(self.seed, self.count, i)
+                                        for i in range(cfg.iterations)], np.int32)
+        self._old_and_ref_logps(state, batch)
+        self._time("logp_s", t)
+        self.figures.append(rollout_figures(parts, passed, batch, steps, g))
+        self.position += len(picks)
+        self.count += 1
+        return batch
+
+    def _old_and_ref_logps(self, state, batch: dict) -> None:
+        """Adds old_logp / ref_logp [mu, B, N] (each iteration's masks) when the loss
+        needs them: old when iterations > 1, ref when beta > 0."""
+        policies = {"old_logp": state.params if self.cfg.iterations > 1 else None,
+                    "ref_logp": state.extra["ref"] if self.cfg.beta else None}
+        for key, params in policies.items():
+            if params is not None:
+                batch[key] = np.stack([on_mesh(lambda b: self.logps_fn(params, b),
+                                               self.iteration_batch(batch, i), self.ctx.mesh)
+                                       for i in range(self.cfg.iterations)])
+
+    def iteration_batch(self, rollout: dict, i: int) -> dict:
+        """The whole batch of inner iteration i (all rows; see the module docstring)."""
+        b = len(rollout["tokens"])
+        batch = {k: rollout[k] for k in ("tokens", "valid", "loss_mask", "advantages", "row")}
+        batch["mask_seed"] = np.full((b,), rollout["mask_seeds"][i], np.int32)
+        for key in ("old_logp", "ref_logp"):
+            if key in rollout:
+                batch[key] = rollout[key][i]
+        return batch
+
+    def next(self, state) -> dict:
+        jax.block_until_ready(state.params)  # the previous step's time counts as update_s
+        if self._t_last is not None:
+            self._time("update_s", self._t_last)
+        if self.pending is None or self.iteration == self.cfg.iterations:
+            self.pending, self.iteration = self.rollout(state), 0
+        batch = self.iteration_batch(self.pending, self.iteration)
+        self.iteration += 1
+        self._t_last = time.perf_counter()
+        return {k: v[_block(len(v))] for k, v in batch.items()}
+
+    def get_state(self) -> dict:
+        pending = None if self.pending is None else {k: v.tolist() for k, v in
+                                                     self.pending.items()}
+        return {"position": self.position, "rollouts": self.count,
+                "iteration": self.iteration, "pending": pending}
+
+    def set_state(self, state: dict) -> None:
+        self.position, self.count = state["position"], state["rollouts"]
+        self.iteration, pending = state["iteration"], state["pending"]
+        self.pending = None if pending is None else {
+            k: np.asarray(v, ROLLOUT_ARRAYS[k]) for k, v in pending.items()}
+
+    def metrics(self) -> dict:
+        out = {k: float(np.mean([f[k] for f in self.figures])) for k in
+               (self.figures[0] if self.figures else {})}
+        out.update(self.times)
+        self.figures, self.times = [], {}
+        return out
+
+
+def mask_seed(seed: int, rollout: int, iteration: int) -> int:
+    """The mask seed of an inner iteration: fixed by (run seed, rollout, iteration)."""
+    return int(np.random.default_rng([seed, rollout, iteration]).integers(0, 2**31 - 1))
+
+
+def reward_config(grpo_cfg) -> rewards.RewardConfig:
+    return rewards.RewardConfig(execution_weight=grpo_cfg.execution_weight,
+                                format_weight=grpo_cfg.format_weight, timeout=grpo_cfg.timeout)
+
+
+def prompts(tasks: list, style: str, tok) -> list[str]:
+    """The model inputs of `tasks` (tasks.build_prompt) in the tokenizer's chat format."""
+    chat = lambda messages: tok.apply_chat_template(list(messages), add_generation_prompt=True)
+    return [tasks_lib.build_prompt(t, style, chat_template=chat) for t in tasks]
+
+
+def completion_batch(tokens: np.ndarray, prompt_valid: np.ndarray, end_id: int) -> dict:
+    """The rollout-batch fields of prompts + completions: tokens [B, P + N] (P =
+    prompt_valid.shape[1]), valid, loss_mask (through the first `end_id`), row."""
+    b, p = prompt_valid.shape
+    completion = tokens[:, p:]
+    return {"tokens": tokens,
+            "valid": np.concatenate([prompt_valid, np.ones(completion.shape, bool)], 1),
+            "loss_mask": loss_mask(completion, end_id), "row": np.arange(b, dtype=np.int32)}
+
+
+def sequence_logps(params, batch: dict, seeds, *, apply_fn, cfg: GrpoConfig, mask_id: int):
+    """The estimator's sequence log-likelihood (the token values summed over the loss
+    mask) under each mask seed: [len(seeds), B]. For its variance over mask draws."""
+    def one(seed):
+        values = token_logps(params, {**batch, "mask_seed": jnp.full((len(batch["row"]),), seed)},
+                             apply_fn=apply_fn, cfg=cfg, mask_id=mask_id)
+        return jnp.where(batch["loss_mask"], values, 0.0).sum(-1)
+    return jax.lax.map(one, jnp.asarray(seeds, jnp.int32))
+
+
+def rollout_figures(parts: dict, passed: np.ndarray, batch: dict, steps: np.ndarray,
+                    g: int) -> dict:
+    """Per-rollout metrics: rewards and their parts, pass rate, advantage statistics,
+    completion length (loss tokens), model calls per generated token."""
+    groups = parts["total"].reshape(-1, g)
+    adv = batch["advantages"]
+    return {"reward": parts["total"].mean(), "reward_format": parts["format"].mean(),
+            "reward_execution": parts["execution"].mean(), "pass_rate": passed.mean(),
+            "reward_std": groups.std(1, ddof=1).mean(),
+            "zero_advantage_groups": (groups == groups[:, :1]).all(1).mean(),
+            "advantage_abs": np.abs(adv).mean(), "advantage_max": adv.max(),
+            "advantage_min": adv.min(), "completion_length": batch["loss_mask"].sum(1).mean(),
+            "calls_per_token": steps.mean() / batch["loss_mask"].shape[1]}
+
+
+def make_stage(ctx: StageContext) -> Stage:
+    """coupled-GRPO on `config.grpo.tasks`; held-out evaluation on `config.grpo.eval_tasks`
+    (pass@1 and mean reward); the reference policy in the extra state."""
+    c = ctx.config
+    cfg = grpo_config_from_dict(c.grpo)
+    for key, needed in (("tasks", True), ("eval_tasks", bool(c.train.eval_every))):
+        if needed and not c.grpo[key]:
+            raise ValueError(f"config.grpo.{key} is empty: name a task suite "
+                             "(humaneval, synthetic:train, synthetic:heldout or a jsonl file)")
+    batches = Rollouts(ctx, cfg, tasks_lib.load_tasks(c.grpo.tasks))
+    loss_fn = functools.partial(grpo_loss, apply_fn=ctx.apply_fn, cfg=cfg,
+                                mask_id=ctx.tokenizer.mask_id)
+    evaluate = None
+    if c.train.eval_every:
+        evaluate = functools.partial(held_out, batches, tasks_lib.load_tasks(c.grpo.eval_tasks))
+    ref = {} if not cfg.beta else dict(
+        init_extra=lambda params: {"ref": params},
+        update_extra=lambda extra, params, step: {"ref": mix_reference(
+            extra["ref"], params, step, cfg.ref_mix_alpha, cfg.ref_mix_every)})
+    return Stage(loss_fn=loss_fn, batches=batches, evaluate=evaluate, **ref)
+
+
+def held_out(batches: Rollouts, tasks: list, state) -> dict:
+    """eval_pass_at_1 (dllm.evaluate, grpo.eval_samples completions per task) and
+    eval_reward (the training reward) on held-out tasks, decoded with config.sample at
+    grpo.eval_temperature, with the same random numbers at every evaluation."""
+    c = batches.ctx.config
+    t = time.perf_counter()
+    cfg = dataclasses.replace(batches.sample_cfg, temperature=c.grpo.eval_temperature)
+    tok, rows = batches.tok, batches.rows
+    calls = iter(range(1 << 30))
+
+    def sample_fn(texts: list[str]) -> list[str]:
+        ids = [tok.encode(x) for x in texts]
+        ids += [ids[-1]] * (rows - len(ids))              # a full batch: one compiled shape
+        rng = jax.random.fold_in(jax.random.PRNGKey(c.seed + 1), next(calls))
+        _, (tokens, _) = batches.decode(state.params, ids, rng, cfg)
+        texts_out = sampling.completion_texts(tok, tokens, batches.width,
+                                              sampling.stop_ids(tok))
+        return texts_out[:len(texts)]
+
+    chat = lambda messages: tok.apply_chat_template(list(messages), add_generation_prompt=True)
+    report = evaluate_lib.generate_and_evaluate(
+        tasks, sample_fn, n=c.grpo.eval_samples, k=(1,), style=c.grpo.eval_style,
+        chat_template=chat, batch_size=rows, timeout=batches.reward_cfg.timeout,
+        workers=batches.workers, progress=False)
+    by_id = {task.task_id: task for task in tasks}
+    scored = rewards.compute_rewards([s["completion"] for s in report["samples"]],
+                                     [by_id[s["task_id"]].tests for s in report["samples"]],
+                                     batches.reward_cfg, batches.workers)
+    batches.exclude_from_update("eval_s", t)
+    return {"eval_pass_at_1": report["pass_at_k"]["1"], "eval_reward": float(scored.total.mean())}

@@ -188,11 +188,11 @@ class Family:
 
 
 def _int(rng, k):
-    return int(rng.integers(-20, 60))
+    return int(rng.integers(-50, 100))
 
 
 def _natural(rng, k):
-    return int(rng.integers(0, 100))
+    return int(rng.integers(0, 200))
 
 
 def _multiple_or_not(rng, k):  # half the inputs divisible by k
@@ -204,7 +204,11 @@ def _word(rng, k):
 
 
 def _int_list(rng, k):
-    return [int(x) for x in rng.integers(0, 20, int(rng.integers(0, 10)))]
+    return [int(x) for x in rng.integers(0, 70, int(rng.integers(0, 10)))]
+
+
+def _near_list(rng, k):  # values around k, so that k and k +- 1 give different answers
+    return [int(x) for x in rng.integers(max(0, k - 3), k + 4, int(rng.integers(1, 8)))]
 
 
 def _digit_list(rng, k):
@@ -212,14 +216,14 @@ def _digit_list(rng, k):
 
 
 FAMILIES = (
-    Family("add", "arithmetic", "x", "`x` plus {k}", "x + {k}", tuple(range(1, 31)), _int),
-    Family("minus", "arithmetic", "x", "`x` minus {k}", "x - {k}", tuple(range(1, 31)), _int),
-    Family("times", "arithmetic", "x", "`x` multiplied by {k}", "x * {k}", tuple(range(2, 21)),
+    Family("add", "arithmetic", "x", "`x` plus {k}", "x + {k}", tuple(range(1, 100)), _int),
+    Family("minus", "arithmetic", "x", "`x` minus {k}", "x - {k}", tuple(range(1, 100)), _int),
+    Family("times", "arithmetic", "x", "`x` multiplied by {k}", "x * {k}", tuple(range(2, 51)),
            _int),
     Family("mod", "arithmetic", "x", "the remainder of `x` divided by {k}", "x % {k}",
-           tuple(range(2, 21)), _natural),
+           tuple(range(2, 51)), _natural),
     Family("divisible", "arithmetic", "x", "True if `x` is divisible by {k}, else False",
-           "x % {k} == 0", tuple(range(2, 21)), _multiple_or_not),
+           "x % {k} == 0", tuple(range(2, 51)), _multiple_or_not),
     Family("repeat", "strings", "s", "the string `s` repeated {k} times", "s * {k}",
            tuple(range(2, 10)), _word),
     Family("append", "strings", "s", "`s` followed by the string '{k}'", "s + '{k}'",
@@ -231,15 +235,15 @@ FAMILIES = (
     Family("last", "strings", "s", "the last {k} characters of `s`", "s[-{k}:]",
            tuple(range(1, 9)), _word),
     Family("above", "lists", "xs", "the elements of the list `xs` greater than {k}, in order",
-           "[x for x in xs if x > {k}]", tuple(range(0, 16)), _int_list),
+           "[x for x in xs if x > {k}]", tuple(range(0, 60)), _near_list),
     Family("shift", "lists", "xs", "the list `xs` with {k} added to every element",
-           "[x + {k} for x in xs]", tuple(range(1, 21)), _int_list),
+           "[x + {k} for x in xs]", tuple(range(1, 61)), _int_list),
     Family("count_of", "lists", "xs", "how many elements of the list `xs` equal {k}",
            "xs.count({k})", tuple(range(0, 10)), _digit_list),
     Family("take", "lists", "xs", "the first {k} elements of the list `xs`", "xs[:{k}]",
            tuple(range(1, 9)), _int_list),
     Family("scaled_sum", "lists", "xs", "the sum of the elements of `xs` multiplied by {k}",
-           "sum(xs) * {k}", tuple(range(2, 13)), _int_list),
+           "sum(xs) * {k}", tuple(range(2, 31)), _int_list),
 )
 
 

@@ -25,6 +25,7 @@ from flax import struct
 from tqdm import tqdm
 
 from dllm import checkpoint, convert, data, metrics, model as model_lib, runs, sampling, sharding
+from dllm import config as config_lib
 from dllm import tokenizer as tokenizer_lib
 from dllm.stage import Stage, StageContext
 
@@ -193,9 +194,22 @@ def _start_state(config, model, tx, mesh, rules, stage: Stage, ckpt):
     return state, state_sh
 
 
+def warm_up(config, workdir: str):
+    """Trains config.init.warmup in workdir/warmup (resuming, or returning at once when
+    it is done) and returns a copy of config that starts from it (init.checkpoint)."""
+    warm_dir = os.path.join(workdir, "warmup")
+    train_and_evaluate(config_lib.load_experiment(config.init.warmup), warm_dir)
+    config = config.copy_and_resolve_references()
+    config.init.checkpoint = warm_dir
+    return config
+
+
 def train_and_evaluate(config, workdir: str) -> TrainState:
-    """Train the configured stage in `workdir`, resuming from its latest checkpoint;
-    then print and save a sample. Returns the final state."""
+    """Train the configured stage in `workdir`, resuming from its latest checkpoint
+    (after config.init.warmup, if set and nothing else initialises the run); then
+    print and save a sample. Returns the final state."""
+    if config.init.get("warmup") and not (config.init.checkpoint or config.init.hf_dir):
+        config = warm_up(config, workdir)
     runs.write_config(config, workdir)
     tok = run_tokenizer(config, workdir)
     model_cfg = model_lib.config_from_dict(config.model)

@@ -31,18 +31,25 @@ class TinyRuns:
 
     def launch(self, name: str, *flags: str, devices: int = 1) -> subprocess.Popen:
         """Starts the run on `devices` CPU devices; its output goes to root/name/log.N.txt."""
-        env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-               "JAX_COMPILATION_CACHE_DIR": os.path.join(self.root, "jax_cache"),
-               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-        workdir = self.workdir(name)
-        os.makedirs(workdir, exist_ok=True)
-        n = sum(f.startswith("log.") for f in os.listdir(workdir))
-        log = open(os.path.join(workdir, f"log.{n}.txt"), "w")
-        cmd = [sys.executable, "-m", "dllm.main", "--config=tests/tiny_config.py",
-               f"--workdir={workdir}", f"--config.data.tokenizer={self.tokenizer}", *flags]
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return launch(self.root, self.workdir(name), "tests/tiny_config.py",
+                      f"--config.data.tokenizer={self.tokenizer}", *flags, devices=devices)
+
+
+def launch(root: str, workdir: str, config: str, *flags: str,
+           devices: int = 1) -> subprocess.Popen:
+    """`python -m dllm.main --config=CONFIG --workdir=WORKDIR FLAGS` on `devices` CPU
+    devices, compilations cached under root; output to workdir/log.N.txt."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "JAX_COMPILATION_CACHE_DIR": os.path.join(root, "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    os.makedirs(workdir, exist_ok=True)
+    n = sum(f.startswith("log.") for f in os.listdir(workdir))
+    log = open(os.path.join(workdir, f"log.{n}.txt"), "w")
+    cmd = [sys.executable, "-m", "dllm.main", f"--config={config}", f"--workdir={workdir}",
+           *flags]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def launch_pair(tiny: TinyRuns, name: str) -> list[subprocess.Popen]:
@@ -57,20 +64,20 @@ def launch_pair(tiny: TinyRuns, name: str) -> list[subprocess.Popen]:
         "--config.mesh.tensor=2", "--config.mesh.dcn.fsdp=2", devices=2) for i in range(2)]
 
 
-def finish(proc: subprocess.Popen) -> int:
-    """Waits for `proc` (killing it after TIMEOUT_S); returns its exit code."""
+def finish(proc: subprocess.Popen, timeout: float = TIMEOUT_S) -> int:
+    """Waits for `proc` (killing it after `timeout` seconds); returns its exit code."""
     try:
-        return proc.wait(timeout=TIMEOUT_S)
+        return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
         raise
 
 
-def wait_for(proc: subprocess.Popen, workdir: str, path: str):
+def wait_for(proc: subprocess.Popen, workdir: str, path: str, timeout: float = TIMEOUT_S):
     """Polls until workdir/path exists (checkpoints/N: orbax renames a step into place
     once it is complete); fails if the run ends first."""
-    deadline = time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + timeout
     while not os.path.exists(os.path.join(workdir, path)):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()

@@ -1,5 +1,7 @@
 """coupled-GRPO: estimator masks and values, advantages, the loss, reference mixing."""
 import dataclasses
+import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -233,3 +235,103 @@ def test_config_errors_name_the_key():
         grpo.GrpoConfig(estimator="coupledd")
     with pytest.raises(ValueError, match="t_min"):
         grpo.GrpoConfig(t_min=0.9, t_max=0.1)
+
+
+# ----------------------------------------------------------------------------- runs
+
+GRPO_CONFIG = "tests/tiny_grpo_config.py"
+RUN_TIMEOUT_S = 900
+
+
+@pytest.fixture(scope="module")
+def grpo_runs(tmp_path_factory):
+    """A warmed-up small model (tests/tiny_grpo_config.py:warmup) and an uninterrupted
+    coupled-GRPO run from it ("reference")."""
+    import subprocess_runs as runs
+    root = str(tmp_path_factory.mktemp("grpo_runs"))
+    warm = os.path.join(root, "warm")
+    code = runs.finish(runs.launch(root, warm, f"{GRPO_CONFIG}:warmup"), RUN_TIMEOUT_S)
+    assert code == 0, runs.read_logs(warm)
+    return root, warm
+
+
+def launch_grpo(root, warm, name):
+    import subprocess_runs as runs
+    return runs.launch(root, os.path.join(root, name), f"{GRPO_CONFIG}:grpo",
+                       f"--config.init.checkpoint={warm}")
+
+
+@pytest.fixture(scope="module")
+def reference_run(grpo_runs):
+    import subprocess_runs as runs
+    root, warm = grpo_runs
+    workdir = os.path.join(root, "reference")
+    assert runs.finish(launch_grpo(root, warm, "reference"), RUN_TIMEOUT_S) == 0, \
+        runs.read_logs(workdir)
+    return workdir
+
+
+@pytest.mark.slow
+def test_kill_9_between_inner_iterations_resumes_with_the_same_losses(grpo_runs, reference_run):
+    """Killed after step 3 (the first inner iteration of the second rollout: the pending
+    rollout is in the checkpoint), the rerun logs the reference run's losses and
+    rollout figures from step 4 on."""
+    import subprocess_runs as runs
+    root, warm = grpo_runs
+    workdir = os.path.join(root, "killed")
+    proc = launch_grpo(root, warm, "killed")
+    runs.wait_for(proc, workdir, "checkpoints/3", RUN_TIMEOUT_S)
+    proc.send_signal(signal.SIGKILL)
+    assert runs.finish(proc) == -signal.SIGKILL
+    saved = max(runs.checkpoint_steps(workdir))
+    assert saved < 12
+    before = len(runs.metric_rows(workdir))
+    assert runs.finish(launch_grpo(root, warm, "killed"), RUN_TIMEOUT_S) == 0, \
+        runs.read_logs(workdir)
+    resumed = runs.metric_rows(workdir)[before:]
+    reference = {r["step"]: r for r in runs.metric_rows(reference_run)}
+    assert [r["step"] for r in resumed] == list(range(saved + 1, 13))
+    for row in resumed:
+        for key in ("loss", "kl", "ratio", "reward", "advantage_abs", "completion_length"):
+            assert row.get(key) == reference[row["step"]].get(key), (row["step"], key)
+    losses = [reference[s]["loss"] for s in range(1, 13)]
+    assert len(set(losses)) > 6 and any(abs(x) > 1e-4 for x in losses)   # not trivial
+
+
+@pytest.mark.slow
+def test_a_short_run_from_a_warmed_up_model_raises_its_mean_reward(reference_run):
+    import subprocess_runs as runs
+    rewards = [r["reward"] for r in runs.metric_rows(reference_run) if "reward" in r]
+    assert len(rewards) == 6
+    assert np.mean(rewards[3:]) > np.mean(rewards[:3]) + 0.05, rewards
+
+
+@pytest.mark.slow
+def test_coupled_variance_is_below_decoupled_at_equal_passes_on_a_trained_model(grpo_runs):
+    """Per-sequence log-likelihood of reference solutions under 48 mask draws."""
+    import subprocess_runs as runs
+    from dllm import runs as dllm_runs
+    from dllm import tasks
+    _, warm = grpo_runs
+    run = dllm_runs.load_run(warm)
+    tok = run.tokenizer
+    chosen = tasks.synthetic_tasks("heldout")[::10][:8]
+    prompts = [tok.encode(p) for p in grpo.prompts(chosen, "diffucoder", tok)]
+    answers = [tok.encode(r) + [tok.im_end_id] for _, r in tasks.sft_pairs(chosen)]
+    n = 32
+    prompt_tokens, prompt_valid = grpo.left_pad(prompts, 112, tok.pad_id)
+    completion = np.full((len(chosen), n), tok.pad_id, np.int32)
+    for i, a in enumerate(answers):
+        completion[i, :len(a)] = a[:n]
+    batch = grpo.completion_batch(np.concatenate([prompt_tokens, completion], 1), prompt_valid,
+                                  tok.im_end_id)
+    params = runs.restore_params(warm)
+    variances = {}
+    for estimator in ("coupled", "decoupled"):
+        cfg = dataclasses.replace(CFG, estimator=estimator)
+        assert cfg.passes == 3
+        fn = jax.jit(lambda p, b: grpo.sequence_logps(p, b, np.arange(48), apply_fn=run.apply_fn,
+                                                      cfg=cfg, mask_id=tok.mask_id))
+        estimates = np.asarray(fn(params, batch), np.float64)      # [draws, B]
+        variances[estimator] = estimates.var(0, ddof=1)
+    assert np.mean(variances["coupled"]) < 0.7 * np.mean(variances["decoupled"]), variances

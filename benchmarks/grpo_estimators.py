@@ -1,0 +1,172 @@
+"""coupled-GRPO log-probability estimators: variance and cost, and the time split of
+coupled-GRPO iterations.
+
+    python benchmarks/grpo_estimators.py --workdir=RUN [--draws 64] [--json OUT]
+    python benchmarks/grpo_estimators.py --split_only --shape=qwen2.5-coder-1.5b [--json OUT]
+
+1. Variance (needs --workdir, a run trained on the synthetic tasks, e.g. the warm-up
+   of experiments/coupled_grpo.py:tiny): for held-out tasks, the reference solution
+   as the completion; each estimator's per-sequence log-likelihood (its token values
+   summed over the completion through <|im_end|>) under `--draws` mask seeds. Reported:
+   the variance over draws (mean over sequences), the mean estimate, forward passes per
+   estimate and the time of one estimate of the batch. Estimators are compared at equal
+   passes: coupled vs decoupled with the fully masked pass (3 passes, the released
+   code) and without (2 passes, the paper's text); full_mask and d1 use 1 pass.
+2. Time split: a short coupled-GRPO run (train_and_evaluate, in a temporary directory)
+   and its rollout / scoring / old+ref log-prob / update seconds per optimizer step,
+   from the steps after the first rollout (which compiles). With --workdir it starts
+   from that run; otherwise from random weights of --shape (G = 10; nothing a random
+   model writes gets executed, so scoring time is near zero there).
+"""
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from dllm import config as config_lib
+from dllm import grpo, model as model_lib, runs, tasks, train
+
+
+def device_name() -> str:
+    d = jax.local_devices()[0]
+    if d.platform != "cpu":
+        return f"{d.device_kind} x{jax.local_device_count()}"
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    names = [ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")]
+    return f"{names[0] if names else platform.processor()}, {os.cpu_count()} cores, cpu"
+
+
+def solution_batch(run, n_tasks: int, width: int, n: int) -> dict:
+    """Prompts + reference solutions (then <|im_end|>, pads) of held-out tasks."""
+    tok = run.tokenizer
+    chosen = tasks.synthetic_tasks("heldout")[::3][:n_tasks]
+    prompts = [tok.encode(p) for p in grpo.prompts(chosen, "diffucoder", tok)]
+    answers = [tok.encode(r) + [tok.im_end_id] for _, r in tasks.sft_pairs(chosen)]
+    prompt_tokens, prompt_valid = grpo.left_pad(prompts, width, tok.pad_id)
+    completion = np.full((len(chosen), n), tok.pad_id, np.int32)
+    for i, a in enumerate(answers):
+        completion[i, :min(len(a), n)] = a[:n]
+    return grpo.completion_batch(np.concatenate([prompt_tokens, completion], 1), prompt_valid,
+                                 tok.im_end_id)
+
+
+ESTIMATORS = [("coupled", True), ("decoupled", True), ("coupled", False),
+              ("decoupled", False), ("full_mask", True), ("d1", True)]
+
+
+def variance_table(workdir: str, draws: int, n_tasks: int) -> list[dict]:
+    run = runs.load_run(workdir)
+    config = run.config
+    width = config.grpo.max_prompt_len if "grpo" in config else 128
+    n = config.sample.max_new_tokens if "grpo" in config else 32
+    batch = solution_batch(run, n_tasks, width, n)
+    rows = []
+    for estimator, full_pass in ESTIMATORS:
+        cfg = grpo.GrpoConfig(estimator=estimator, full_pass=full_pass)
+        fn = jax.jit(lambda p, b, s, cfg=cfg: grpo.sequence_logps(
+            p, b, s, apply_fn=run.apply_fn, cfg=cfg, mask_id=run.tokenizer.mask_id))
+        seeds = np.arange(draws)
+        estimates = np.asarray(jax.block_until_ready(fn(run.params, batch, seeds)), np.float64)
+        start = time.perf_counter()
+        jax.block_until_ready(fn(run.params, batch, seeds))
+        per_estimate = (time.perf_counter() - start) / draws
+        rows.append({"estimator": estimator, "full_pass": full_pass, "passes": cfg.passes,
+                     "variance": float(estimates.var(0, ddof=1).mean()),
+                     "mean_estimate": float(estimates.mean()),
+                     "ms_per_estimate": 1e3 * per_estimate, "sequences": len(batch["row"]),
+                     "draws": draws})
+    return rows
+
+
+def split_config(workdir: str | None, shape: str, steps: int, prompts: int):
+    """A short coupled-GRPO run: from `workdir`'s params (tiny) or random `shape` weights."""
+    c = config_lib.load_experiment("experiments/coupled_grpo.py:tiny")
+    c.init.warmup = ""
+    c.train.update(steps=steps, eval_every=0, log_every=1, warmup_steps=1)
+    c.checkpoint.update(every=10_000, keep=1)
+    if workdir:
+        c.init.checkpoint = workdir
+        c.train.batch_size = prompts * c.grpo.generations
+        return c
+    c.model.update(model_lib.preset(shape, causal=False, dtype="bfloat16"))
+    c.grpo.update(generations=10, max_prompt_len=128)
+    c.train.batch_size = prompts * 10
+    c.sample.update(max_new_tokens=256, steps=256, block_length=256)
+    return c
+
+
+def time_split(workdir: str | None, shape: str, steps: int, prompts: int) -> dict:
+    config = split_config(workdir, shape, steps, prompts)
+    with tempfile.TemporaryDirectory() as tmp:
+        if not workdir:   # a tokenizer for the synthetic tasks (the model's vocab is larger)
+            tok_cfg = config_lib.load_experiment("experiments/sft.py:tasks_tiny").data
+            from dllm import data
+            data.get_tokenizer(tok_cfg, tmp)
+            config.data.tokenizer = os.path.join(tmp, "tokenizer.model")
+        train.train_and_evaluate(config, os.path.join(tmp, "run"))
+        with open(os.path.join(tmp, "run", "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+    mu = config.grpo.iterations
+    later = [r for r in rows if r["step"] > mu]        # after the first (compiling) rollout
+    keys = ("rollout_s", "scoring_s", "logp_s", "update_s")
+    split = {k: sum(r.get(k, 0.0) for r in later) / len(later) for k in keys}
+    split.update(total_s=sum(split.values()), steps_timed=len(later),
+                 rows=config.train.batch_size, generations=config.grpo.generations,
+                 new_tokens=config.sample.max_new_tokens, prompt_len=config.grpo.max_prompt_len,
+                 model=workdir or shape,
+                 params=model_lib.param_count(model_lib.config_from_dict(config.model)))
+    return split
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", default=None, help="trained tiny run (synthetic tasks)")
+    parser.add_argument("--draws", type=int, default=64)
+    parser.add_argument("--tasks", type=int, default=16)
+    parser.add_argument("--shape", default="qwen2.5-coder-1.5b")
+    parser.add_argument("--split_steps", type=int, default=6)
+    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument("--split_only", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    out = {"device": device_name(), "date": datetime.date.today().isoformat(),
+           "jax": jax.__version__}
+    if args.workdir and not args.split_only:
+        out["variance"] = variance_table(args.workdir, args.draws, args.tasks)
+        print(f"{out['device']}, {out['date']}: per-sequence log-likelihood over "
+              f"{args.draws} mask draws, {args.tasks} held-out reference solutions")
+        print("| estimator | full pass | passes | variance | mean estimate | ms / estimate |")
+        print("|---|---|---|---|---|---|")
+        for r in out["variance"]:
+            print(f"| {r['estimator']} | {r['full_pass']} | {r['passes']} | {r['variance']:.3f} "
+                  f"| {r['mean_estimate']:.2f} | {r['ms_per_estimate']:.1f} |")
+        by = {(r["estimator"], r["full_pass"]): r["variance"] for r in out["variance"]}
+        for full in (True, False):
+            ratio = by[("coupled", full)] / by[("decoupled", full)]
+            out[f"coupled_over_decoupled_variance_full_pass_{full}"] = ratio
+            print(f"coupled / decoupled variance (full pass {full}): {ratio:.3f}")
+    split = time_split(args.workdir if args.workdir else None, args.shape, args.split_steps,
+                       args.prompts)
+    out["time_split"] = split
+    print(f"time per optimizer step ({split['model']}, {split['params'] / 1e6:.1f}M params, "
+          f"{split['rows']} rows = G {split['generations']} x {split['rows'] // split['generations']}"
+          f" prompts, {split['new_tokens']} new tokens, mean of {split['steps_timed']} steps):")
+    print("| rollout s | scoring s | old+ref logp s | update s | total s |")
+    print("|---|---|---|---|---|")
+    print(f"| {split['rollout_s']:.2f} | {split['scoring_s']:.2f} | {split['logp_s']:.2f} | "
+          f"{split['update_s']:.2f} | {split['total_s']:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

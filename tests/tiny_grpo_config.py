@@ -1,0 +1,32 @@
+"""Tiny coupled-GRPO runs for the subprocess tests (kill -9 resume, reward rises): a
+small model warmed up on the synthetic tasks, then GRPO from it; seconds per step on
+a CPU.
+
+  python -m dllm.main --config=tests/tiny_grpo_config.py:warmup --workdir=WARM
+  python -m dllm.main --config=tests/tiny_grpo_config.py:grpo --workdir=DIR \
+      --config.init.checkpoint=WARM
+"""
+from dllm import config as config_lib
+
+SMALL_MODEL = dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, mlp=128,
+                   vocab_size=512)
+
+
+def get_config(arg: str = "grpo"):
+    if arg == "warmup":
+        c = config_lib.load_experiment("experiments/sft.py:tasks_tiny")
+        c.train.update(steps=300, lr=3e-3, warmup_steps=30, eval_every=0, log_every=50)
+        c.checkpoint.update(every=300, keep=1)
+    elif arg == "grpo":
+        c = config_lib.load_experiment("experiments/coupled_grpo.py:tiny")
+        c.init.warmup = ""
+        c.grpo.update(generations=8, max_prompt_len=112, eval_tasks="", timeout=1.0)
+        # 4 prompts x 8 completions; 6 rollouts of 2 inner iterations.
+        c.train.update(steps=12, batch_size=32, lr=5e-4, warmup_steps=1, log_every=1,
+                       eval_every=0)
+        c.checkpoint.update(every=3, keep=10)
+        c.sample.update(max_new_tokens=24, steps=24, block_length=24)
+    else:
+        raise ValueError(f"unknown variant {arg!r}; allowed: warmup, grpo")
+    c.model.update(SMALL_MODEL)
+    return c
