@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from dllm import config as config_lib
-from dllm import grpo, model as model_lib, runs, tasks, train
+from dllm import grpo, model as model_lib, runs, sampling, tasks, train
 
 
 def device_name() -> str:
@@ -50,7 +50,7 @@ def solution_batch(run, n_tasks: int, width: int, n: int) -> dict:
     chosen = tasks.synthetic_tasks("heldout")[::3][:n_tasks]
     prompts = [tok.encode(p) for p in grpo.prompts(chosen, "diffucoder", tok)]
     answers = [tok.encode(r) + [tok.im_end_id] for _, r in tasks.sft_pairs(chosen)]
-    prompt_tokens, prompt_valid = grpo.left_pad(prompts, width, tok.pad_id)
+    prompt_tokens, prompt_valid = sampling.left_pad(prompts, width, tok.pad_id)
     completion = np.full((len(chosen), n), tok.pad_id, np.int32)
     for i, a in enumerate(answers):
         completion[i, :min(len(a), n)] = a[:n]
@@ -103,8 +103,21 @@ def split_config(workdir: str | None, shape: str, steps: int, prompts: int):
     return c
 
 
+def _decode_known_ids(decode):
+    """Random weights emit ids beyond the synthetic tasks' 512-piece tokenizer (the
+    model keeps the shape's vocabulary, whose logits and top-p cost are part of the
+    split): those ids decode as nothing."""
+    def wrapped(self, ids):
+        return decode(self, [i for i in list(ids) if i < self.vocab_size])
+    return wrapped
+
+
 def time_split(workdir: str | None, shape: str, steps: int, prompts: int) -> dict:
     config = split_config(workdir, shape, steps, prompts)
+    if not workdir:
+        from dllm import tokenizer as tokenizer_lib
+        cls = tokenizer_lib.SentencePieceTokenizer
+        cls.decode = _decode_known_ids(cls.decode)
     with tempfile.TemporaryDirectory() as tmp:
         if not workdir:   # a tokenizer for the synthetic tasks (the model's vocab is larger)
             tok_cfg = config_lib.load_experiment("experiments/sft.py:tasks_tiny").data

@@ -281,18 +281,6 @@ def mix_reference(ref, params, step: Array, alpha: float, every: int):
 
 # ----------------------------------------------------------------------------- the stage
 
-def left_pad(rows, width: int, pad_id: int):
-    """Token-id lists -> (tokens [B, width] int32, valid [B, width] bool): each row cut
-    to its last `width` ids (prompts are left-truncated), then left-padded."""
-    tokens = np.full((len(rows), width), pad_id, np.int32)
-    valid = np.zeros((len(rows), width), bool)
-    for i, row in enumerate(rows):
-        row = row[-width:]
-        tokens[i, width - len(row):] = row
-        valid[i, width - len(row):] = True
-    return tokens, valid
-
-
 def _gather(x) -> np.ndarray:
     """A global jax.Array -> all of it on every process; numpy rows of each process ->
     their concatenation in process order."""
@@ -358,7 +346,7 @@ class Rollouts(BatchSource):
         """Completions of a batch of prompts (token-id lists). Returns the prompts
         (tokens, valid) [B, P], left-truncated and padded to P = grpo.max_prompt_len,
         and the decoded (tokens [B, P + N], model calls [B])."""
-        tokens, valid = left_pad(prompt_ids, self.width, self.tok.pad_id)
+        tokens, valid = sampling.left_pad(prompt_ids, self.width, self.tok.pad_id)
 
         def generate(b):
             out = sampling.generate(params, b["tokens"], rng, cfg, apply_fn=self.ctx.apply_fn,

@@ -407,13 +407,19 @@ def encode_prompts(tok, texts, suffix: str = "", n: int = 0, multiple: int = 1):
     P is rounded up to `multiple` (fewer distinct shapes: fewer recompiles)."""
     hole = [tok.mask_id] * n + tok.encode(suffix) if suffix else []
     rows = [tok.encode(t) + hole for t in texts]
-    width = -(-max(map(len, rows)) // multiple) * multiple
-    prompts = np.full((len(rows), width), tok.pad_id, np.int32)
-    valid = np.zeros(prompts.shape, bool)
+    return left_pad(rows, -(-max(map(len, rows)) // multiple) * multiple, tok.pad_id)
+
+
+def left_pad(rows, width: int, pad_id: int):
+    """Token-id lists -> (tokens [B, width] int32, valid [B, width] bool): each row
+    left-padded to `width`, a longer row cut to its last `width` ids (left truncation)."""
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    valid = np.zeros((len(rows), width), bool)
     for i, row in enumerate(rows):
-        prompts[i, width - len(row):] = row
+        row = row[len(row) - min(len(row), width):]
+        tokens[i, width - len(row):] = row
         valid[i, width - len(row):] = True
-    return prompts, valid
+    return tokens, valid
 
 
 def completion_texts(tok, tokens, start: int, stop_ids, end: int | None = None) -> list[str]:

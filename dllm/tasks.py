@@ -174,7 +174,8 @@ SPLITS = ("train", "heldout")
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """A parameterised function-writing task: `def {name}_{k}({arg}): return {body}`.
+    """A parameterised function-writing task: `def {name}({arg}): return {body}`, the
+    constant k in the body only (held-out tasks ask for constants never trained on).
 
     does: what the function returns (a format string of k); params: the values of k
     (one task each); inputs(rng, k): one test input."""
@@ -188,11 +189,11 @@ class Family:
 
 
 def _int(rng, k):
-    return int(rng.integers(-50, 100))
+    return int(rng.integers(-100, 300))
 
 
 def _natural(rng, k):
-    return int(rng.integers(0, 200))
+    return int(rng.integers(0, 1000))
 
 
 def _multiple_or_not(rng, k):  # half the inputs divisible by k
@@ -216,14 +217,14 @@ def _digit_list(rng, k):
 
 
 FAMILIES = (
-    Family("add", "arithmetic", "x", "`x` plus {k}", "x + {k}", tuple(range(1, 100)), _int),
-    Family("minus", "arithmetic", "x", "`x` minus {k}", "x - {k}", tuple(range(1, 100)), _int),
-    Family("times", "arithmetic", "x", "`x` multiplied by {k}", "x * {k}", tuple(range(2, 51)),
+    Family("add", "arithmetic", "x", "`x` plus {k}", "x + {k}", tuple(range(1, 151)), _int),
+    Family("minus", "arithmetic", "x", "`x` minus {k}", "x - {k}", tuple(range(1, 151)), _int),
+    Family("times", "arithmetic", "x", "`x` multiplied by {k}", "x * {k}", tuple(range(2, 151)),
            _int),
     Family("mod", "arithmetic", "x", "the remainder of `x` divided by {k}", "x % {k}",
-           tuple(range(2, 51)), _natural),
+           tuple(range(2, 151)), _natural),
     Family("divisible", "arithmetic", "x", "True if `x` is divisible by {k}, else False",
-           "x % {k} == 0", tuple(range(2, 51)), _multiple_or_not),
+           "x % {k} == 0", tuple(range(2, 151)), _multiple_or_not),
     Family("repeat", "strings", "s", "the string `s` repeated {k} times", "s * {k}",
            tuple(range(2, 10)), _word),
     Family("append", "strings", "s", "`s` followed by the string '{k}'", "s + '{k}'",
@@ -235,15 +236,15 @@ FAMILIES = (
     Family("last", "strings", "s", "the last {k} characters of `s`", "s[-{k}:]",
            tuple(range(1, 9)), _word),
     Family("above", "lists", "xs", "the elements of the list `xs` greater than {k}, in order",
-           "[x for x in xs if x > {k}]", tuple(range(0, 60)), _near_list),
+           "[x for x in xs if x > {k}]", tuple(range(0, 150)), _near_list),
     Family("shift", "lists", "xs", "the list `xs` with {k} added to every element",
-           "[x + {k} for x in xs]", tuple(range(1, 61)), _int_list),
+           "[x + {k} for x in xs]", tuple(range(1, 151)), _int_list),
     Family("count_of", "lists", "xs", "how many elements of the list `xs` equal {k}",
            "xs.count({k})", tuple(range(0, 10)), _digit_list),
     Family("take", "lists", "xs", "the first {k} elements of the list `xs`", "xs[:{k}]",
            tuple(range(1, 9)), _int_list),
     Family("scaled_sum", "lists", "xs", "the sum of the elements of `xs` multiplied by {k}",
-           "sum(xs) * {k}", tuple(range(2, 31)), _int_list),
+           "sum(xs) * {k}", tuple(range(2, 76)), _int_list),
 )
 
 
@@ -251,26 +252,28 @@ FAMILIES = (
 def _family_fn(family: Family, k) -> Callable:
     namespace: dict = {}
     exec(_solution(family, k), namespace)  # our own template code, not model output
-    return namespace[f"{family.name}_{k}"]
+    return namespace[family.name]
 
 
 def _solution(family: Family, k) -> str:
-    return f"def {family.name}_{k}({family.arg}):\n    return {family.body.format(k=k)}\n"
+    return f"def {family.name}({family.arg}):\n    return {family.body.format(k=k)}\n"
 
 
 def family_task(family: Family, k, rng: np.random.Generator, n_tests: int = 3,
-                candidates: int = 40) -> Task:
+                candidates: int = 40, rivals: int = 12) -> Task:
     """The task of `family` at parameter k. Its n_tests inputs are picked greedily
     from `candidates` drawn with rng so that they tell k's solution apart from the
-    solutions at the family's other parameters; expected outputs come from the
-    reference solution."""
-    entry = f"{family.name}_{k}"
+    solutions at the `rivals` nearest other parameters of the family (the likeliest
+    confusions); expected outputs come from the reference solution."""
+    entry = family.name
     fn = _family_fn(family, k)
     pool = list({repr(x): x for x in (family.inputs(rng, k) for _ in range(candidates))}.values())
     target = [repr(fn(x)) for x in pool]
     # agrees[j][c]: the solution at the j-th other parameter gives candidate c's output.
-    agrees = [[repr(_family_fn(family, j)(x)) == t for x, t in zip(pool, target)]
-              for j in family.params if j != k]
+    at = family.params.index(k)
+    near = sorted(range(len(family.params)), key=lambda i: abs(i - at))[1:rivals + 1]
+    agrees = [[repr(_family_fn(family, family.params[j])(x)) == t for x, t in zip(pool, target)]
+              for j in near]
     alive, chosen = range(len(agrees)), []   # others that agree on every chosen input
     for _ in range(min(n_tests, len(pool))):
         best = min((c for c in range(len(pool)) if c not in chosen),
@@ -281,10 +284,10 @@ def family_task(family: Family, k, rng: np.random.Generator, n_tests: int = 3,
     tests = tuple(f"assert {entry}({x!r}) == {fn(x)!r}" for x in inputs)
     prompt = (f"Write a Python function `{entry}({family.arg})` that returns "
               f"{family.does.format(k=k)}.")
-    return Task(f"{SYNTHETIC}/{entry}", prompt, entry, tests, solution=_solution(family, k))
+    return Task(f"{SYNTHETIC}/{entry}_{k}", prompt, entry, tests, solution=_solution(family, k))
 
 
-def synthetic_tasks(split: str, seed: int = 0, heldout_fraction: float = 0.25) -> list[Task]:
+def synthetic_tasks(split: str, seed: int = 0, heldout_fraction: float = 0.1) -> list[Task]:
     """The synthetic families' tasks of `split` ("train" or "heldout"): in each family
     a fixed pseudo-random `heldout_fraction` of the parameter values (at least one) is
     held out, so held-out tasks ask for other constants than training tasks. The same

@@ -1,5 +1,6 @@
 """coupled-GRPO: estimator masks and values, advantages, the loss, reference mixing."""
 import dataclasses
+import json
 import os
 import signal
 
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dllm import grpo, model as model_lib
+from dllm import grpo, model as model_lib, sampling
 
 V, MASK = 6, 5
 B, P, N = 4, 3, 40
@@ -245,28 +246,41 @@ RUN_TIMEOUT_S = 900
 
 @pytest.fixture(scope="module")
 def grpo_runs(tmp_path_factory):
-    """A warmed-up small model (tests/tiny_grpo_config.py:warmup) and an uninterrupted
-    coupled-GRPO run from it ("reference")."""
+    """Four training tasks (one per arithmetic family), a small model briefly tuned on
+    their reference solutions (tests/tiny_grpo_config.py:warmup), for the GRPO runs."""
     import subprocess_runs as runs
+    from dllm import tasks
     root = str(tmp_path_factory.mktemp("grpo_runs"))
+    firsts = {}
+    for task in tasks.synthetic_tasks("train"):
+        firsts.setdefault(task.entry_point, task)
+    chosen = [firsts[name] for name in ("add", "minus", "times", "mod")]
+    suite, pairs = os.path.join(root, "suite.jsonl"), os.path.join(root, "pairs.jsonl")
+    with open(suite, "w") as f:
+        for t in chosen:
+            f.write(json.dumps({"task_id": t.task_id, "prompt": t.prompt,
+                                "entry_point": t.entry_point, "tests": list(t.tests)}) + "\n")
+    with open(pairs, "w") as f:
+        for prompt, response in tasks.sft_pairs(chosen) * 4:   # a batch of 16
+            f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
     warm = os.path.join(root, "warm")
-    code = runs.finish(runs.launch(root, warm, f"{GRPO_CONFIG}:warmup"), RUN_TIMEOUT_S)
-    assert code == 0, runs.read_logs(warm)
-    return root, warm
+    proc = runs.launch(root, warm, f"{GRPO_CONFIG}:warmup", f"--config.data.path={pairs}")
+    assert runs.finish(proc, RUN_TIMEOUT_S) == 0, runs.read_logs(warm)
+    return root, warm, suite
 
 
-def launch_grpo(root, warm, name):
+def launch_grpo(grpo_runs, name):
     import subprocess_runs as runs
+    root, warm, suite = grpo_runs
     return runs.launch(root, os.path.join(root, name), f"{GRPO_CONFIG}:grpo",
-                       f"--config.init.checkpoint={warm}")
+                       f"--config.init.checkpoint={warm}", f"--config.grpo.tasks={suite}")
 
 
 @pytest.fixture(scope="module")
 def reference_run(grpo_runs):
     import subprocess_runs as runs
-    root, warm = grpo_runs
-    workdir = os.path.join(root, "reference")
-    assert runs.finish(launch_grpo(root, warm, "reference"), RUN_TIMEOUT_S) == 0, \
+    workdir = os.path.join(grpo_runs[0], "reference")
+    assert runs.finish(launch_grpo(grpo_runs, "reference"), RUN_TIMEOUT_S) == 0, \
         runs.read_logs(workdir)
     return workdir
 
@@ -277,16 +291,15 @@ def test_kill_9_between_inner_iterations_resumes_with_the_same_losses(grpo_runs,
     rollout is in the checkpoint), the rerun logs the reference run's losses and
     rollout figures from step 4 on."""
     import subprocess_runs as runs
-    root, warm = grpo_runs
-    workdir = os.path.join(root, "killed")
-    proc = launch_grpo(root, warm, "killed")
+    workdir = os.path.join(grpo_runs[0], "killed")
+    proc = launch_grpo(grpo_runs, "killed")
     runs.wait_for(proc, workdir, "checkpoints/3", RUN_TIMEOUT_S)
     proc.send_signal(signal.SIGKILL)
     assert runs.finish(proc) == -signal.SIGKILL
     saved = max(runs.checkpoint_steps(workdir))
     assert saved < 12
     before = len(runs.metric_rows(workdir))
-    assert runs.finish(launch_grpo(root, warm, "killed"), RUN_TIMEOUT_S) == 0, \
+    assert runs.finish(launch_grpo(grpo_runs, "killed"), RUN_TIMEOUT_S) == 0, \
         runs.read_logs(workdir)
     resumed = runs.metric_rows(workdir)[before:]
     reference = {r["step"]: r for r in runs.metric_rows(reference_run)}
@@ -312,14 +325,14 @@ def test_coupled_variance_is_below_decoupled_at_equal_passes_on_a_trained_model(
     import subprocess_runs as runs
     from dllm import runs as dllm_runs
     from dllm import tasks
-    _, warm = grpo_runs
+    warm = grpo_runs[1]
     run = dllm_runs.load_run(warm)
     tok = run.tokenizer
     chosen = tasks.synthetic_tasks("heldout")[::10][:8]
     prompts = [tok.encode(p) for p in grpo.prompts(chosen, "diffucoder", tok)]
     answers = [tok.encode(r) + [tok.im_end_id] for _, r in tasks.sft_pairs(chosen)]
     n = 32
-    prompt_tokens, prompt_valid = grpo.left_pad(prompts, 112, tok.pad_id)
+    prompt_tokens, prompt_valid = sampling.left_pad(prompts, 112, tok.pad_id)
     completion = np.full((len(chosen), n), tok.pad_id, np.int32)
     for i, a in enumerate(answers):
         completion[i, :len(a)] = a[:n]

@@ -382,3 +382,9 @@ def test_generate_text_infills_between_text_and_suffix(params):
         hole = row[2:6].tolist()
         stops = [i for i, t in enumerate(hole) if t in (PAD, EOS, 60)]
         assert text == tok.decode(hole[:stops[0] if stops else None])
+
+
+def test_left_pad_pads_on_the_left_and_truncates_from_the_left():
+    tokens, valid = S.left_pad([[1, 2], [3, 4, 5, 6, 7], []], 4, pad_id=0)
+    np.testing.assert_array_equal(tokens, [[0, 0, 1, 2], [4, 5, 6, 7], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(valid, [[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]])

@@ -1,21 +1,19 @@
 """Tiny coupled-GRPO runs for the subprocess tests (kill -9 resume, reward rises): a
-small model warmed up on the synthetic tasks, then GRPO from it; seconds per step on
-a CPU.
+tiny model briefly instruction-tuned on a few tasks' reference solutions (an SFT
+jsonl), then GRPO on those tasks from it; seconds per step on a CPU.
 
-  python -m dllm.main --config=tests/tiny_grpo_config.py:warmup --workdir=WARM
+  python -m dllm.main --config=tests/tiny_grpo_config.py:warmup --workdir=WARM \
+      --config.data.path=PAIRS.jsonl
   python -m dllm.main --config=tests/tiny_grpo_config.py:grpo --workdir=DIR \
-      --config.init.checkpoint=WARM
+      --config.init.checkpoint=WARM --config.grpo.tasks=TASKS.jsonl
 """
 from dllm import config as config_lib
-
-SMALL_MODEL = dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, mlp=128,
-                   vocab_size=512)
-
 
 def get_config(arg: str = "grpo"):
     if arg == "warmup":
         c = config_lib.load_experiment("experiments/sft.py:tasks_tiny")
-        c.train.update(steps=300, lr=3e-3, warmup_steps=30, eval_every=0, log_every=50)
+        c.data.update(source="sft", eval_fraction=0.0)
+        c.train.update(steps=300, lr=3e-3, warmup_steps=10, eval_every=0, log_every=50)
         c.checkpoint.update(every=300, keep=1)
     elif arg == "grpo":
         c = config_lib.load_experiment("experiments/coupled_grpo.py:tiny")
@@ -28,5 +26,4 @@ def get_config(arg: str = "grpo"):
         c.sample.update(max_new_tokens=24, steps=24, block_length=24)
     else:
         raise ValueError(f"unknown variant {arg!r}; allowed: warmup, grpo")
-    c.model.update(SMALL_MODEL)
     return c
