@@ -109,6 +109,9 @@ class Decoded(NamedTuple):
     confidence: Array  # [B, S] float32: the rule's confidence at commit; nan where order = -1
     steps: Array       # [B] int32: model calls until the row was done
     refreshes: Array   # [] int32: full forwards made to refresh the KV cache
+    trace: Array | None = None  # generate(trace=True): [T, B, S] float32, the rule's
+    #                    confidence at every masked position the model scored at loop
+    #                    step t (nan elsewhere, and after the last step); T = the loop's bound
 
 
 def history(out: Decoded, mask_id: int) -> Array:
@@ -257,6 +260,7 @@ class _State(NamedTuple):
     i: Array           # [] int32: loop step
     refreshes: Array   # [] int32
     cache: KVCache | None
+    trace: Array | None  # [T, B, S] float32 when tracing
 
 
 def _first_eos(tokens: Array, generated: Array, eos_id: int) -> Array:
@@ -335,14 +339,21 @@ def _step(st: _State, params, rng, cfg: SampleConfig, apply_fn, valid, generated
 
     put = lambda x, new: update_rows(x, window_start, jnp.where(commit, new, at(x)))
     tokens = put(st.tokens, x0)
+    trace = st.trace
+    if trace is not None:  # every scored masked position's confidence, before the commit
+        scored = jnp.where(at(masked) & active[:, None], confidence, jnp.nan)
+        trace = trace.at[st.i].set(update_rows(jnp.full(st.tokens.shape, jnp.nan), window_start,
+                                               scored))
     return _State(tokens=tokens, order=put(st.order, st.i),
                   confidence=put(st.confidence, confidence), block=block, j=j + 1,
                   done=_row_done(tokens, generated, mask_id, eos_id), steps=st.steps + active,
-                  i=st.i + 1, refreshes=st.refreshes + refreshed, cache=cache)
+                  i=st.i + 1, refreshes=st.refreshes + refreshed, cache=cache, trace=trace)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "apply_fn", "mask_id", "pad_id", "eos_id"))
-def _generate(params, prompts, valid, rng, cfg, apply_fn, mask_id, pad_id, eos_id) -> Decoded:
+@functools.partial(jax.jit, static_argnames=("cfg", "apply_fn", "mask_id", "pad_id", "eos_id",
+                                             "trace"))
+def _generate(params, prompts, valid, rng, cfg, apply_fn, mask_id, pad_id, eos_id,
+              trace=False) -> Decoded:
     b, p = prompts.shape
     n = cfg.max_new_tokens
     tokens = jnp.concatenate([prompts, jnp.full((b, n), mask_id, prompts.dtype)], axis=1)
@@ -356,12 +367,13 @@ def _generate(params, prompts, valid, rng, cfg, apply_fn, mask_id, pad_id, eos_i
         cache = KVCache(jnp.zeros(kv.k.shape, kv.k.dtype), jnp.zeros(kv.v.shape, kv.v.dtype),
                         valid)
     zero = jnp.zeros((b,), jnp.int32)
+    # Each row finishes within `steps` (schedule) or within its masked count (parallel).
+    max_steps = max(cfg.steps, p + n)
     st = _State(tokens=tokens, order=jnp.full(tokens.shape, -1, jnp.int32),
                 confidence=jnp.full(tokens.shape, jnp.nan, jnp.float32), block=zero - 1,
                 j=zero, done=_row_done(tokens, generated, mask_id, eos_id), steps=zero,
-                i=jnp.int32(0), refreshes=jnp.int32(0), cache=cache)
-    # Each row finishes within `steps` (schedule) or within its masked count (parallel).
-    max_steps = max(cfg.steps, p + n)
+                i=jnp.int32(0), refreshes=jnp.int32(0), cache=cache,
+                trace=jnp.full((max_steps, *tokens.shape), jnp.nan) if trace else None)
     step = functools.partial(_step, params=params, rng=rng, cfg=cfg, apply_fn=apply_fn,
                              valid=valid, generated=generated, first=first,
                              block_length=block_length, steps_per_block=steps_per_block,
@@ -371,12 +383,12 @@ def _generate(params, prompts, valid, rng, cfg, apply_fn, mask_id, pad_id, eos_i
     if eos_id is not None:  # everything generated after the first EOS becomes pad
         after = jnp.arange(tokens.shape[1]) > _first_eos(tokens, generated, eos_id)
         tokens = jnp.where(generated & after, pad_id, tokens)
-    return Decoded(tokens, st.order, st.confidence, st.steps, st.refreshes)
+    return Decoded(tokens, st.order, st.confidence, st.steps, st.refreshes, st.trace)
 
 
 def generate(params, prompts: Array, rng: Array, cfg: SampleConfig, *, apply_fn: Callable,
              mask_id: int, pad_id: int | None = None, eos_id: int | None = None,
-             valid: Array | None = None) -> Decoded:
+             valid: Array | None = None, trace: bool = False) -> Decoded:
     """Decode `cfg.max_new_tokens` tokens after each prompt, and any mask tokens in
     the prompts (infilling). prompts: [B, P] int, left-padded where `valid` [B, P]
     bool is False (default all valid). apply_fn(params, tokens, valid, **kw) ->
@@ -384,14 +396,16 @@ def generate(params, prompts: Array, rng: Array, cfg: SampleConfig, *, apply_fn:
     `Transformer`'s cache/window_start/return_kv keywords, as `train.model_apply` does).
     eos_id: None = no EOS handling; else a row stops once nothing before its first
     generated EOS is masked, and what follows is returned as pad_id (default eos_id).
-    Returns Decoded: tokens and order [B, P + N] first. Jitted; cfg, apply_fn and
-    the ids are static (reuse one apply_fn to avoid recompiling)."""
+    trace: also return Decoded.trace, the confidence of every masked position at every
+    step (for heatmaps; a [T, B, P + N] buffer, so off by default).
+    Returns Decoded: tokens and order [B, P + N] first. Jitted; cfg, apply_fn, the ids
+    and trace are static (reuse one apply_fn to avoid recompiling)."""
     if valid is None:
         valid = jnp.ones(prompts.shape, bool)
     if cfg.suppress_eos and eos_id is None:
         raise ValueError("sample.suppress_eos needs an eos_id")
     return _generate(params, prompts, valid, rng, cfg=cfg, apply_fn=apply_fn, mask_id=mask_id,
-                     pad_id=eos_id if pad_id is None else pad_id, eos_id=eos_id)
+                     pad_id=eos_id if pad_id is None else pad_id, eos_id=eos_id, trace=trace)
 
 
 def encode_prompts(tok, texts, suffix: str = "", n: int = 0, multiple: int = 1):

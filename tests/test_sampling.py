@@ -334,3 +334,26 @@ def test_sample_config_from_dict_rejects_unknown_keys():
         S.SampleConfig(alg="confidence")
     with pytest.raises(ValueError, match="block_length"):
         S.SampleConfig(cache=True)
+
+
+# ----------------------------------------------------------------------------- trace
+
+def test_trace_holds_each_masked_positions_confidence_until_it_is_committed():
+    """With logits that ignore the canvas, the traced confidence of a position is NumPy's
+    negative entropy of its logits at every step up to the one that commits it, and nan
+    from the next step on (and on the prompt); without trace=True there is none."""
+    rand = np.asarray(jax.random.normal(jax.random.key(9), (2, 3 + 8, VOCAB))) * 3
+    out = run_fixed(rand, 3, alg="entropy", schedule="dream")
+    assert out.trace is None
+    x = jnp.zeros((2, 3), jnp.int32)
+    cfg = S.SampleConfig(max_new_tokens=8, steps=8, alg="entropy")
+    out = S.generate(jnp.asarray(rand, jnp.float32), x, jax.random.key(0), cfg,
+                     apply_fn=FIXED, mask_id=MASK, trace=True)
+    trace, order = np.asarray(out.trace), np.asarray(out.order)
+    assert trace.shape == (11, 2, 11)  # the loop's bound: max(steps, P + N)
+    conf = np_confidence("entropy", rand[..., :MASK])
+    steps = np.arange(11)[:, None, None]
+    still_masked = (order[None] >= steps) & (steps <= order.max())
+    np.testing.assert_allclose(trace[still_masked], np.broadcast_to(conf, trace.shape)[still_masked],
+                               rtol=1e-5, atol=1e-6)
+    assert np.isnan(trace[~still_masked]).all()
