@@ -29,8 +29,9 @@ chance 1 / (L - i + 1)).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -162,3 +163,318 @@ def first_step_confidence(params, prompts, valid, *, apply_fn: Callable, mask_id
     logp = jax.nn.log_softmax(logits, -1)
     plogp = jnp.where(jnp.isfinite(logp), jnp.exp(logp) * logp, 0.0)
     return {"neg_entropy": plogp.sum(-1), "top_logprob": logp.max(-1)}
+
+
+def entropy_sink(run, texts: Sequence[str], length: int, *, batch_size: int = 16) -> dict:
+    """first_step_confidence of `run` (runs.Run) after each text, in batches:
+    {"neg_entropy", "top_logprob"}: [len(texts), length] each."""
+    from dllm import sampling
+    parts = []
+    for start in range(0, len(texts), batch_size):
+        prompts, valid = sampling.encode_prompts(run.tokenizer, texts[start:start + batch_size],
+                                                 multiple=32)
+        parts.append(jax.device_get(first_step_confidence(
+            run.params, prompts, valid, apply_fn=run.apply_fn, mask_id=run.tokenizer.mask_id,
+            length=length)))
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def confidence_trace(run, texts: Sequence[str], cfg, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Decode texts (one batch) with the sampler's trace on: (trace [T, B, N], the
+    rule's confidence at each step and generated position, nan once committed;
+    order [B, N])."""
+    from dllm import sampling
+    tok = run.tokenizer
+    prompts, valid = sampling.encode_prompts(tok, list(texts), multiple=32)
+    out = sampling.generate(run.params, prompts, rng, cfg, apply_fn=run.apply_fn,
+                            mask_id=tok.mask_id, pad_id=tok.pad_id, eos_id=tok.eos_id,
+                            valid=valid, trace=True)
+    p = prompts.shape[1]
+    return np.asarray(out.trace)[:, :, p:], np.asarray(out.order)[:, p:]
+
+
+# ----------------------------------------------------------------------------- sweeps
+# A point of a sweep decodes every task of a suite n times with one run and one
+# SampleConfig, scores the completions with dllm.evaluate (pass@k) and reads the
+# decoding orders (AR-ness@k, tokens per model call): one table row.
+
+
+class Decodes(NamedTuple):
+    texts: list[str]       # completions
+    order: np.ndarray      # [M, N] int: the step each generated position was unmasked
+    steps: np.ndarray      # [M] int: model calls per decoding
+
+
+def decode(run, texts: Sequence[str], cfg, rng, *, batch_size: int = 16,
+           chat: bool = False) -> Decodes:
+    """Decode each text with `run` (runs.Run) and cfg (sampling.SampleConfig) in
+    batches (batch i uses fold_in(rng, i)); the orders at the generated positions."""
+    from dllm import sampling
+    parts = []
+    for i, start in enumerate(range(0, len(texts), batch_size)):
+        out = sampling.generate_text(run.params, list(texts[start:start + batch_size]),
+                                     jax.random.fold_in(rng, i), cfg, apply_fn=run.apply_fn,
+                                     tokenizer=run.tokenizer, chat=chat)
+        p = out.prompts.shape[1]
+        parts.append(Decodes(out.texts, np.asarray(out.decoded.order)[:, p:],
+                             np.asarray(out.decoded.steps)))
+    return Decodes([t for d in parts for t in d.texts],
+                   np.concatenate([d.order for d in parts]),
+                   np.concatenate([d.steps for d in parts]))
+
+
+def decode_tasks(run, tasks, cfg, *, n: int = 1, k: Sequence[int] = (1,),
+                 style: str = "instruct", seed: int = 0, batch_size: int = 16,
+                 **evaluate_kwargs) -> tuple[Decodes, dict]:
+    """n completions per task (prompts built by dllm.tasks for `style`), scored by
+    evaluate.generate_and_evaluate; returns the decodes (in the report's sample order)
+    and the report. evaluate_kwargs: timeout, workers, progress."""
+    from dllm import evaluate
+    parts = []
+
+    def sample_fn(prompts: list[str]) -> list[str]:
+        rng = jax.random.fold_in(jax.random.PRNGKey(seed), len(parts))
+        parts.append(decode(run, prompts, cfg, rng, batch_size=batch_size))
+        return parts[-1].texts
+
+    def chat_template(messages):
+        return run.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+
+    evaluate_kwargs.setdefault("progress", False)
+    report = evaluate.generate_and_evaluate(tasks, sample_fn, n=n, k=k, style=style,
+                                            chat_template=chat_template, batch_size=batch_size,
+                                            **evaluate_kwargs)
+    return Decodes([t for d in parts for t in d.texts],
+                   np.concatenate([d.order for d in parts]),
+                   np.concatenate([d.steps for d in parts])), report
+
+
+def summarize(decodes: Decodes, ks: Sequence[int], report: dict | None = None) -> dict:
+    """One table row: mean and spread over decodings of local / global AR-ness@k for
+    each k in ks, tokens per model call, and the report's pass@k."""
+    row = {"samples": len(decodes.order),
+           "tokens_per_call": float(np.nanmean(tokens_per_call(decodes.order, decodes.steps)))}
+    for name, fn in (("local", local_ar_ness), ("global", global_ar_ness)):
+        mean, spread = mean_and_spread(fn(decodes.order, list(ks)))
+        row.update({f"{name}@{k}": float(m) for k, m in zip(ks, mean)})
+        row.update({f"{name}@{k}_std": float(s) for k, s in zip(ks, spread)})
+    if report is not None:
+        row.update({f"pass@{k}": v for k, v in report["pass_at_k"].items()})
+    return row
+
+
+def temperature_sweep(run, tasks, cfg, temperatures: Sequence[float], *,
+                      ks: Sequence[int], **kw) -> list[dict]:
+    """AR-ness, tokens per call and pass@k at each temperature (the paper's figure:
+    a higher temperature makes the order less autoregressive and raises pass@k).
+    kw: decode_tasks' (n, k, style, seed, ...)."""
+    rows = []
+    for t in temperatures:
+        decodes, report = decode_tasks(run, tasks, dataclasses.replace(cfg, temperature=t), **kw)
+        rows.append({"temperature": t, **summarize(decodes, ks, report)})
+    return rows
+
+
+def decoding_steps_sweep(points, tasks, cfg, *, ks: Sequence[int],
+                         fractions: Sequence[float] = (1.0, 0.5), **kw) -> list[dict]:
+    """pass@1 with steps = fraction x max_new_tokens for each point (label, workdir,
+    step) and its relative drop from the first fraction's: 1 - pass@1 / pass@1(first)
+    (the paper: after RL, halving the steps costs less)."""
+    from dllm import runs
+    rows = []
+    for label, workdir, step in points:
+        run = runs.load_run(workdir, step)
+        for fraction in fractions:
+            steps = max(1, round(cfg.max_new_tokens * fraction))
+            decodes, report = decode_tasks(run, tasks, dataclasses.replace(cfg, steps=steps), **kw)
+            row = {"run": label, "steps": steps, **summarize(decodes, ks, report)}
+            first = next(r for r in rows + [row] if r["run"] == label)
+            row["relative_drop"] = (1.0 - row["pass@1"] / first["pass@1"]
+                                    if first["pass@1"] > 0 else float("nan"))
+            rows.append(row)
+    return rows
+
+
+def checkpoint_sweep(points, tasks, cfg, *, ks: Sequence[int], **kw) -> list[dict]:
+    """AR-ness, tokens per call and pass@k of each point (label, workdir, step): training
+    stages, checkpoints of one run, RL steps (an RL run is another run directory)."""
+    from dllm import runs
+    rows = []
+    for label, workdir, step in points:
+        decodes, report = decode_tasks(runs.load_run(workdir, step), tasks, cfg, **kw)
+        rows.append({"run": label, **summarize(decodes, ks, report)})
+    return rows
+
+
+def write_table(rows: Sequence[dict], stem: str) -> tuple[str, str]:
+    """rows as stem.csv and stem.md (a markdown table; floats to 4 digits)."""
+    import csv
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(stem + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return stem + ".csv", stem + ".md"
+
+
+# ----------------------------------------------------------------------------- plots
+# Each returns a matplotlib Figure (no pyplot state: shown inline in a notebook,
+# written with save()).
+
+def _figure(ncols: int, width: float = 5.0, height: float = 3.6):
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    return fig, np.atleast_1d(fig.subplots(1, ncols))
+
+
+def save(fig, path: str) -> str:
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _band(ax, x, values, label, **kw):
+    """Mean line and a +- one standard deviation band over samples of values [..., K]."""
+    mean, spread = mean_and_spread(values)
+    line, = ax.plot(x, mean, marker="o", ms=3, label=label, **kw)
+    ax.fill_between(x, mean - spread, mean + spread, color=line.get_color(), alpha=0.15)
+
+
+def plot_ar_ness(curves: dict, ks: Sequence[int], length: int | None = None):
+    """Local and global AR-ness@k against k, mean and spread over samples, one line per
+    label. curves: {label: {"local": [..., K], "global": [..., K]}}; length: draw a
+    uniformly random order's global AR-ness (of that many positions) for reference."""
+    fig, (ax_local, ax_global) = _figure(2)
+    for label, c in curves.items():
+        _band(ax_local, ks, c["local"], label)
+        _band(ax_global, ks, c["global"], label)
+    if length:
+        ax_global.plot(ks, random_order_global_ar_ness(length, ks), "k:", label="random order")
+    for ax, name in ((ax_local, "local"), (ax_global, "global")):
+        ax.set(xlabel="k", ylabel=f"{name} AR-ness@k", ylim=(-0.02, 1.02),
+               title=f"{name} AR-ness@k", xticks=list(ks))
+        ax.legend(fontsize=8)
+    return fig
+
+
+def plot_entropy_sink(conf: dict):
+    """Confidence at the first step against the position after the prompt: each prompt's
+    negative entropy as a heatmap, then the mean and spread over prompts of both
+    measures. conf: first_step_confidence's dict of [n_prompts, L] arrays."""
+    fig, (ax_map, ax_ent, ax_top) = _figure(3, width=4.4)
+    im = ax_map.imshow(conf["neg_entropy"], aspect="auto", interpolation="nearest",
+                       cmap="viridis")
+    fig.colorbar(im, ax=ax_map, label="negative entropy")
+    ax_map.set(xlabel="position after the prompt", ylabel="prompt",
+               title="first-step confidence")
+    positions = np.arange(np.shape(conf["neg_entropy"])[-1])
+    _band(ax_ent, positions, conf["neg_entropy"], "Dream: sum p log p")
+    _band(ax_top, positions, conf["top_logprob"], "LLaDA: log p(top token)", color="C1")
+    for ax in (ax_ent, ax_top):
+        ax.set(xlabel="position after the prompt", ylabel="confidence")
+        ax.legend(fontsize=8)
+    ax_ent.set_title("mean over prompts")
+    return fig
+
+
+def plot_confidence_trace(trace: np.ndarray, order: np.ndarray, title: str = ""):
+    """One decoding's confidence heatmap: trace [T, L] (Decoded.trace of one row at the
+    generated positions; nan once committed) over steps and positions, with each
+    position's commit step (order [L]) marked."""
+    fig, (ax,) = _figure(1, width=7.0, height=4.5)
+    last = int(order.max()) + 1 if (order >= 0).any() else len(trace)
+    im = ax.imshow(trace[:last], aspect="auto", interpolation="nearest", cmap="magma",
+                   origin="lower")
+    fig.colorbar(im, ax=ax, label="confidence")
+    decoded = np.flatnonzero(order >= 0)
+    ax.plot(decoded, order[decoded], "c.", ms=3, label="committed")
+    ax.set(xlabel="generated position", ylabel="step", title=title or "confidence per step")
+    ax.legend(fontsize=8, loc="upper left")
+    return fig
+
+
+def plot_order(order: np.ndarray):
+    """The step at which each generated position was unmasked: a heatmap over samples
+    (order [n, L], -1 = never) and step against position (a diagonal = left to right)."""
+    fig, (ax_map, ax_scatter) = _figure(2, width=6.0, height=3 + 0.15 * len(order))
+    shown = np.ma.masked_less(order, 0)
+    im = ax_map.imshow(shown, aspect="auto", interpolation="nearest", cmap="viridis")
+    fig.colorbar(im, ax=ax_map, label="step unmasked")
+    ax_map.set(xlabel="generated position", ylabel="sample", title="decoding order")
+    for row in shown:
+        ax_scatter.plot(np.flatnonzero(~np.ma.getmaskarray(row)), row.compressed(), ".", ms=3)
+    ax_scatter.set(xlabel="generated position", ylabel="step", title="step vs position")
+    return fig
+
+
+def _row_band(ax, x, rows, key, label, **kw):
+    """A sweep's mean (rows[i][key]) with its spread (key_std) as error bars."""
+    ax.errorbar(x, [r[key] for r in rows], yerr=[r.get(key + "_std", 0.0) for r in rows],
+                marker="o", ms=4, capsize=3, label=label, **kw)
+
+
+def _pass_keys(rows) -> list[str]:
+    return [key for key in rows[0] if key.startswith("pass@")]
+
+
+def plot_temperature(rows: Sequence[dict], ks: Sequence[int] = (1,)):
+    """temperature_sweep's rows: AR-ness@k and pass@k against temperature."""
+    fig, (ax_ar, ax_pass) = _figure(2)
+    x = [r["temperature"] for r in rows]
+    for k in ks:
+        _row_band(ax_ar, x, rows, f"local@{k}", f"local AR-ness@{k}")
+        _row_band(ax_ar, x, rows, f"global@{k}", f"global AR-ness@{k}", ls="--")
+    for key in _pass_keys(rows):
+        ax_pass.plot(x, [r[key] for r in rows], marker="o", label=key)
+    ax_ar.set(xlabel="temperature", ylabel="AR-ness", title="decoding order vs temperature")
+    ax_pass.set(xlabel="temperature", ylabel="pass@k", title="pass@k vs temperature")
+    for ax in (ax_ar, ax_pass):
+        ax.legend(fontsize=8)
+    return fig
+
+
+def plot_decoding_steps(rows: Sequence[dict]):
+    """decoding_steps_sweep's rows: pass@1 per run at each number of steps, with the
+    relative drop from the first written over each bar."""
+    fig, (ax,) = _figure(1, width=6.0)
+    labels = list(dict.fromkeys(r["run"] for r in rows))
+    steps = list(dict.fromkeys(r["steps"] for r in rows))
+    width = 0.8 / len(steps)
+    for j, s in enumerate(steps):
+        chosen = [next(r for r in rows if r["run"] == label and r["steps"] == s)
+                  for label in labels]
+        x = np.arange(len(labels)) + j * width
+        ax.bar(x, [r["pass@1"] for r in chosen], width, label=f"{s} steps")
+        for xi, r in zip(x, chosen):
+            if j and np.isfinite(r["relative_drop"]):
+                ax.annotate(f"-{100 * r['relative_drop']:.0f}%", (xi, r["pass@1"]),
+                            ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(np.arange(len(labels)) + width * (len(steps) - 1) / 2, labels)
+    ax.set(ylabel="pass@1", title="pass@1 with fewer decoding steps")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_checkpoints(rows: Sequence[dict], ks: Sequence[int] = (1,)):
+    """checkpoint_sweep's rows: AR-ness@k, pass@k and tokens per model call per run."""
+    fig, (ax_ar, ax_pass) = _figure(2)
+    x = np.arange(len(rows))
+    for k in ks:
+        _row_band(ax_ar, x, rows, f"local@{k}", f"local AR-ness@{k}")
+        _row_band(ax_ar, x, rows, f"global@{k}", f"global AR-ness@{k}", ls="--")
+    for key in _pass_keys(rows):
+        ax_pass.plot(x, [r[key] for r in rows], marker="o", label=key)
+    ax_calls = ax_pass.twinx()
+    ax_calls.plot(x, [r["tokens_per_call"] for r in rows], "k:", marker="x",
+                  label="tokens per call")
+    ax_calls.set_ylabel("tokens per model call")
+    for ax, title in ((ax_ar, "AR-ness by checkpoint"), (ax_pass, "pass@k by checkpoint")):
+        ax.set_xticks(x, [r["run"] for r in rows], rotation=20)
+        ax.set_title(title)
+        ax.legend(fontsize=8, loc="upper left")
+    ax_calls.legend(fontsize=8, loc="upper right")
+    return fig
