@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -199,6 +200,15 @@ def confidence_trace(run, texts: Sequence[str], cfg, rng) -> tuple[np.ndarray, n
 # decoding orders (AR-ness@k, tokens per model call): one table row.
 
 
+class Checkpoint(NamedTuple):
+    """A run to analyse: a run directory at a step (None = latest), and how task
+    prompts are built for it (dllm.tasks.build_prompt's style: base | instruct)."""
+    label: str
+    workdir: str
+    step: int | None = None
+    style: str = "instruct"
+
+
 class Decodes(NamedTuple):
     texts: list[str]       # completions
     order: np.ndarray      # [M, N] int: the step each generated position was unmasked
@@ -223,6 +233,12 @@ def decode(run, texts: Sequence[str], cfg, rng, *, batch_size: int = 16,
                    np.concatenate([d.steps for d in parts]))
 
 
+def _chat_template(run):
+    """messages -> the run tokenizer's chat text with the generation prompt."""
+    return lambda messages: run.tokenizer.apply_chat_template(list(messages),
+                                                              add_generation_prompt=True)
+
+
 def decode_tasks(run, tasks, cfg, *, n: int = 1, k: Sequence[int] = (1,),
                  style: str = "instruct", seed: int = 0, batch_size: int = 16,
                  **evaluate_kwargs) -> tuple[Decodes, dict]:
@@ -237,12 +253,10 @@ def decode_tasks(run, tasks, cfg, *, n: int = 1, k: Sequence[int] = (1,),
         parts.append(decode(run, prompts, cfg, rng, batch_size=batch_size))
         return parts[-1].texts
 
-    def chat_template(messages):
-        return run.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
-
     evaluate_kwargs.setdefault("progress", False)
     report = evaluate.generate_and_evaluate(tasks, sample_fn, n=n, k=k, style=style,
-                                            chat_template=chat_template, batch_size=batch_size,
+                                            chat_template=_chat_template(run),
+                                            batch_size=batch_size,
                                             **evaluate_kwargs)
     return Decodes([t for d in parts for t in d.texts],
                    np.concatenate([d.order for d in parts]),
@@ -275,34 +289,37 @@ def temperature_sweep(run, tasks, cfg, temperatures: Sequence[float], *,
     return rows
 
 
-def decoding_steps_sweep(points, tasks, cfg, *, ks: Sequence[int],
+def decoding_steps_sweep(points: Sequence[Checkpoint], tasks, cfg, *, ks: Sequence[int],
                          fractions: Sequence[float] = (1.0, 0.5), **kw) -> list[dict]:
-    """pass@1 with steps = fraction x max_new_tokens for each point (label, workdir,
-    step) and its relative drop from the first fraction's: 1 - pass@1 / pass@1(first)
-    (the paper: after RL, halving the steps costs less)."""
+    """pass@1 with steps = fraction x max_new_tokens for each point, and its relative
+    drop from the first fraction's: 1 - pass@1 / pass@1(first) (the paper: after RL,
+    halving the steps costs less). kw: decode_tasks' (n, k, seed, ...)."""
     from dllm import runs
     rows = []
-    for label, workdir, step in points:
-        run = runs.load_run(workdir, step)
+    for point in points:
+        run = runs.load_run(point.workdir, point.step)
         for fraction in fractions:
             steps = max(1, round(cfg.max_new_tokens * fraction))
-            decodes, report = decode_tasks(run, tasks, dataclasses.replace(cfg, steps=steps), **kw)
-            row = {"run": label, "steps": steps, **summarize(decodes, ks, report)}
-            first = next(r for r in rows + [row] if r["run"] == label)
+            decodes, report = decode_tasks(run, tasks, dataclasses.replace(cfg, steps=steps),
+                                           style=point.style, **kw)
+            row = {"run": point.label, "steps": steps, **summarize(decodes, ks, report)}
+            first = next(r for r in rows + [row] if r["run"] == point.label)
             row["relative_drop"] = (1.0 - row["pass@1"] / first["pass@1"]
                                     if first["pass@1"] > 0 else float("nan"))
             rows.append(row)
     return rows
 
 
-def checkpoint_sweep(points, tasks, cfg, *, ks: Sequence[int], **kw) -> list[dict]:
-    """AR-ness, tokens per call and pass@k of each point (label, workdir, step): training
-    stages, checkpoints of one run, RL steps (an RL run is another run directory)."""
+def checkpoint_sweep(points: Sequence[Checkpoint], tasks, cfg, *, ks: Sequence[int],
+                     **kw) -> list[dict]:
+    """AR-ness, tokens per call and pass@k of each point: training stages, checkpoints
+    of one run, RL steps (an RL run is another run directory)."""
     from dllm import runs
     rows = []
-    for label, workdir, step in points:
-        decodes, report = decode_tasks(runs.load_run(workdir, step), tasks, cfg, **kw)
-        rows.append({"run": label, **summarize(decodes, ks, report)})
+    for point in points:
+        decodes, report = decode_tasks(runs.load_run(point.workdir, point.step), tasks, cfg,
+                                       style=point.style, **kw)
+        rows.append({"run": point.label, **summarize(decodes, ks, report)})
     return rows
 
 
@@ -344,14 +361,17 @@ def _band(ax, x, values, label, **kw):
     ax.fill_between(x, mean - spread, mean + spread, color=line.get_color(), alpha=0.15)
 
 
-def plot_ar_ness(curves: dict, ks: Sequence[int], length: int | None = None):
-    """Local and global AR-ness@k against k, mean and spread over samples, one line per
-    label. curves: {label: {"local": [..., K], "global": [..., K]}}; length: draw a
-    uniformly random order's global AR-ness (of that many positions) for reference."""
+def plot_ar_ness(rows: Sequence[dict], ks: Sequence[int], length: int | None = None):
+    """Local and global AR-ness@k against k (summarize's rows: mean, and the spread over
+    samples as a band), one line per row["run"]; length: draw a uniformly random
+    order's global AR-ness (of that many positions) for reference."""
     fig, (ax_local, ax_global) = _figure(2)
-    for label, c in curves.items():
-        _band(ax_local, ks, c["local"], label)
-        _band(ax_global, ks, c["global"], label)
+    for row in rows:
+        for ax, name in ((ax_local, "local"), (ax_global, "global")):
+            mean = np.array([row[f"{name}@{k}"] for k in ks])
+            spread = np.array([row[f"{name}@{k}_std"] for k in ks])
+            line, = ax.plot(ks, mean, marker="o", ms=3, label=row["run"])
+            ax.fill_between(ks, mean - spread, mean + spread, color=line.get_color(), alpha=0.15)
     if length:
         ax_global.plot(ks, random_order_global_ar_ness(length, ks), "k:", label="random order")
     for ax, name in ((ax_local, "local"), (ax_global, "global")):
@@ -478,3 +498,67 @@ def plot_checkpoints(rows: Sequence[dict], ks: Sequence[int] = (1,)):
         ax.legend(fontsize=8, loc="upper left")
     ax_calls.legend(fontsize=8, loc="upper right")
     return fig
+
+
+# ----------------------------------------------------------------------------- from a config
+
+def checkpoints(config) -> list[Checkpoint]:
+    """The runs an analysis config reads (config.read, config.runs.<label>), in order."""
+    missing = [label for label in config.read if label not in config.runs]
+    if missing:
+        raise KeyError(f"config.read names {missing}, not in config.runs "
+                       f"({sorted(config.runs)})")
+    return [Checkpoint(label, config.runs[label].workdir,
+                       None if config.runs[label].step < 0 else config.runs[label].step,
+                       config.runs[label].style) for label in config.read]
+
+
+def run_analysis(config, workdir: str) -> list[str]:
+    """The analysis config.analysis (experiments/analysis.py) of config.runs; writes its
+    plots (PNG) and tables (CSV and markdown) to workdir and returns their paths."""
+    from dllm import runs, sampling, tasks as tasks_lib
+    os.makedirs(workdir, exist_ok=True)
+    cfg = sampling.sample_config_from_dict(config.sample)
+    tasks = tasks_lib.load_tasks(config.tasks)[:config.limit or None]
+    points = checkpoints(config)
+    ks = list(range(1, config.max_k + 1))
+    kw = dict(ks=ks, n=config.n, k=tuple(config.k), seed=config.seed,
+              batch_size=config.batch_size, timeout=config.timeout)
+    out = lambda name: os.path.join(workdir, name)
+    name = config.analysis
+    if name in ("arness", "training_stages"):
+        rows = checkpoint_sweep(points, tasks, cfg, **kw)
+        fig = (plot_ar_ness(rows, ks, cfg.max_new_tokens) if name == "arness"
+               else plot_checkpoints(rows, ks=(1, config.max_k)))
+    elif name == "decoding_steps":
+        rows = decoding_steps_sweep(points, tasks, cfg, fractions=config.fractions, **kw)
+        fig = plot_decoding_steps(rows)
+    elif name == "temperature":
+        run = runs.load_run(points[0].workdir, points[0].step)
+        rows = temperature_sweep(run, tasks, cfg, config.temperatures, style=points[0].style,
+                                 **kw)
+        fig = plot_temperature(rows, ks=(1,))
+    elif name == "entropy_sink":
+        return _entropy_sink_files(points[0], tasks, cfg, config, out)
+    else:
+        raise ValueError(f"config.analysis={name!r}; allowed: arness, entropy_sink, "
+                         "temperature, decoding_steps, training_stages")
+    return [save(fig, out(name + ".png")), *write_table(rows, out(name))]
+
+
+def _entropy_sink_files(point: Checkpoint, tasks, cfg, config, out) -> list[str]:
+    """entropy_sink.png / .csv / .md (first-step confidence per position, over the task
+    prompts) and confidence_trace.png (the first prompt's decoding)."""
+    from dllm import runs, tasks as tasks_lib
+    run = runs.load_run(point.workdir, point.step)
+    texts = [tasks_lib.build_prompt(task, point.style, chat_template=_chat_template(run))
+             for task in tasks]
+    conf = entropy_sink(run, texts, cfg.max_new_tokens, batch_size=config.batch_size)
+    rows = [{"position": i, **{f"{key}{stat}": float(f(conf[key][:, i]))
+                               for key in conf for stat, f in (("", np.mean), ("_std", np.std))}}
+            for i in range(cfg.max_new_tokens)]
+    trace, order = confidence_trace(run, texts[:1], cfg, jax.random.PRNGKey(config.seed))
+    title = f"{point.label}: {tasks[0].task_id}, {cfg.alg} confidence per step"
+    return [save(plot_entropy_sink(conf), out("entropy_sink.png")),
+            *write_table(rows, out("entropy_sink")),
+            save(plot_confidence_trace(trace[:, 0], order[0], title), out("confidence_trace.png"))]

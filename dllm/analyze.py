@@ -1,0 +1,63 @@
+"""The paper's analyses: python -m dllm.analyze --config=experiments/analysis.py:<variant> --workdir=OUT
+
+Variants (experiments/analysis.py): arness, entropy_sink, temperature, decoding_steps,
+training_stages, each also as <variant>_7b. Writes PNG plots and CSV / markdown tables
+to OUT. Runs named in config.train whose workdir holds no finished run are trained
+first with `python -m dllm.main` (a subprocess), e.g. the tiny pretraining and SFT runs.
+Config keys can be overridden: --config.runs.sft.workdir=/my/run --config.n=20.
+"""
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from dllm import analysis
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/analysis.py:<variant>",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where the plots and tables go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def finished(workdir: str) -> bool:
+    """Whether workdir holds a run whose latest checkpoint is its last step."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            steps = json.load(f)["train"]["steps"]
+        saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+    except FileNotFoundError:
+        return False
+    return bool(saved) and max(saved) >= steps
+
+
+def train_missing(config) -> None:
+    """Trains each run of config.train (in order) whose workdir holds no finished run."""
+    for label in config.train:
+        run = config.runs[label]
+        if finished(run.workdir):
+            continue
+        if not run.command:
+            raise SystemExit(f"config.runs.{label}: {run.workdir} holds no finished run and "
+                             f"config.runs.{label}.command is empty")
+        experiment, *overrides = shlex.split(run.command)
+        cmd = [sys.executable, "-m", "dllm.main", f"--config={experiment}",
+               f"--workdir={run.workdir}", *overrides]
+        print(f"training {label}: {shlex.join(cmd)}", flush=True)
+        subprocess.run(cmd, check=True)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    train_missing(_CONFIG.value)
+    for path in analysis.run_analysis(_CONFIG.value, _WORKDIR.value):
+        print(path)
+
+
+if __name__ == "__main__":
+    app.run(main)
