@@ -239,6 +239,14 @@ def _chat_template(run):
                                                               add_generation_prompt=True)
 
 
+def task_prompts(run, tasks, style: str = "instruct") -> list[str]:
+    """The model input of each task for `style` (dllm.tasks.build_prompt, with the run's
+    chat template), as decode_tasks builds them."""
+    from dllm import tasks as tasks_lib
+    return [tasks_lib.build_prompt(task, style, chat_template=_chat_template(run))
+            for task in tasks]
+
+
 def decode_tasks(run, tasks, cfg, *, n: int = 1, k: Sequence[int] = (1,),
                  style: str = "instruct", seed: int = 0, batch_size: int = 16,
                  **evaluate_kwargs) -> tuple[Decodes, dict]:
@@ -417,6 +425,31 @@ def plot_confidence_trace(trace: np.ndarray, order: np.ndarray, title: str = "")
     return fig
 
 
+def denoising_frames(tok, out, row: int = 0, frames: int = 6,
+                     hidden: str = "_") -> list[tuple[int, str]]:
+    """The completion of one row of a sampling.TextGeneration at `frames` steps spread
+    over its decoding, as (step, text) with each still-masked token shown as `hidden`
+    (one per character of the token it becomes)."""
+    p = out.prompts.shape[1]
+    tokens = np.asarray(out.decoded.tokens)[row, p:]
+    order = np.asarray(out.decoded.order)[row, p:]
+    keep = order >= 0
+    ids = tokens[keep].tolist()
+    pieces, prev = [], ""
+    for i in range(len(ids)):  # the text each token adds in context (keeps the spaces)
+        text = tok.decode(ids[:i + 1])
+        pieces.append(text[len(prev):])
+        prev = text
+    last = int(order.max()) if keep.any() else 0
+    shown = []
+    for step in np.unique(np.linspace(0, last, frames).round().astype(int)):
+        text = "".join(piece if t <= step else "".join("\n" if c == "\n" else hidden
+                                                        for c in piece)
+                       for piece, t in zip(pieces, order[keep]))
+        shown.append((int(step), text))
+    return shown
+
+
 def plot_order(order: np.ndarray):
     """The step at which each generated position was unmasked: a heatmap over samples
     (order [n, L], -1 = never) and step against position (a diagonal = left to right)."""
@@ -549,10 +582,9 @@ def run_analysis(config, workdir: str) -> list[str]:
 def _entropy_sink_files(point: Checkpoint, tasks, cfg, config, out) -> list[str]:
     """entropy_sink.png / .csv / .md (first-step confidence per position, over the task
     prompts) and confidence_trace.png (the first prompt's decoding)."""
-    from dllm import runs, tasks as tasks_lib
+    from dllm import runs
     run = runs.load_run(point.workdir, point.step)
-    texts = [tasks_lib.build_prompt(task, point.style, chat_template=_chat_template(run))
-             for task in tasks]
+    texts = task_prompts(run, tasks, point.style)
     conf = entropy_sink(run, texts, cfg.max_new_tokens, batch_size=config.batch_size)
     rows = [{"position": i, **{f"{key}{stat}": float(f(conf[key][:, i]))
                                for key in conf for stat, f in (("", np.mean), ("_std", np.std))}}
