@@ -185,13 +185,10 @@ def confidence_trace(run, texts: Sequence[str], cfg, rng) -> tuple[np.ndarray, n
     rule's confidence at each step and generated position, nan once committed;
     order [B, N])."""
     from dllm import sampling
-    tok = run.tokenizer
-    prompts, valid = sampling.encode_prompts(tok, list(texts), multiple=32)
-    out = sampling.generate(run.params, prompts, rng, cfg, apply_fn=run.apply_fn,
-                            mask_id=tok.mask_id, pad_id=tok.pad_id, eos_id=tok.eos_id,
-                            valid=valid, trace=True)
-    p = prompts.shape[1]
-    return np.asarray(out.trace)[:, :, p:], np.asarray(out.order)[:, p:]
+    out = sampling.generate_text(run.params, list(texts), rng, cfg, apply_fn=run.apply_fn,
+                                 tokenizer=run.tokenizer, trace=True)
+    p = out.prompts.shape[1]
+    return np.asarray(out.decoded.trace)[:, :, p:], np.asarray(out.decoded.order)[:, p:]
 
 
 # ----------------------------------------------------------------------------- sweeps

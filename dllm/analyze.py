@@ -6,8 +6,6 @@ to OUT. Runs named in config.train whose workdir holds no finished run are train
 first with `python -m dllm.main` (a subprocess), e.g. the tiny pretraining and SFT runs.
 Config keys can be overridden: --config.runs.sft.workdir=/my/run --config.n=20.
 """
-import json
-import os
 import shlex
 import subprocess
 import sys
@@ -15,7 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dllm import analysis
+from dllm import analysis, runs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/analysis.py:<variant>",
                                           lock_config=True)
@@ -25,13 +23,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def finished(workdir: str) -> bool:
     """Whether workdir holds a run whose latest checkpoint is its last step."""
-    try:
-        with open(os.path.join(workdir, "config.json")) as f:
-            steps = json.load(f)["train"]["steps"]
-        saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
-    except FileNotFoundError:
-        return False
-    return bool(saved) and max(saved) >= steps
+    saved = runs.checkpoint_steps(workdir)
+    return bool(saved) and max(saved) >= runs.read_config(workdir).train.steps
 
 
 def train_missing(config) -> None:
