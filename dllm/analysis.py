@@ -271,15 +271,16 @@ def decode_tasks(run, tasks, cfg, *, n: int = 1, k: Sequence[int] = (1,),
 def summarize(decodes: Decodes, ks: Sequence[int], report: dict | None = None) -> dict:
     """One table row: mean and spread over decodings of local / global AR-ness@k for
     each k in ks, tokens per model call, and the report's pass@k."""
-    row = {"samples": len(decodes.order),
-           "tokens_per_call": float(np.nanmean(tokens_per_call(decodes.order, decodes.steps)))}
+    row = {"samples": len(decodes.order)}
+    if report is not None:
+        row.update({f"pass@{k}": v for k, v in report["pass_at_k"].items()})
+    row["tokens_per_call"] = float(np.nanmean(tokens_per_call(decodes.order, decodes.steps)))
+    spreads = {}
     for name, fn in (("local", local_ar_ness), ("global", global_ar_ness)):
         mean, spread = mean_and_spread(fn(decodes.order, list(ks)))
         row.update({f"{name}@{k}": float(m) for k, m in zip(ks, mean)})
-        row.update({f"{name}@{k}_std": float(s) for k, s in zip(ks, spread)})
-    if report is not None:
-        row.update({f"pass@{k}": v for k, v in report["pass_at_k"].items()})
-    return row
+        spreads.update({f"{name}@{k}_std": float(s) for k, s in zip(ks, spread)})
+    return {**row, **spreads}
 
 
 def temperature_sweep(run, tasks, cfg, temperatures: Sequence[float], *,

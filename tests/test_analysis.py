@@ -2,6 +2,7 @@
 confidences against NumPy, sweeps against evaluate."""
 import itertools
 import math
+import types
 
 import flax.linen as nn
 import jax
@@ -10,7 +11,9 @@ import numpy as np
 import pytest
 
 from dllm import analysis as A
+from dllm import evaluate, sampling
 from dllm import model as M
+from dllm import tasks as tasks_lib
 
 # ----------------------------------------------------------------------------- AR-ness
 
@@ -131,3 +134,79 @@ def test_first_step_confidence_equals_numpy_from_the_logits(params):
     np.testing.assert_allclose(got["neg_entropy"], (np.exp(logp) * logp).sum(-1), atol=1e-5)
     np.testing.assert_allclose(got["top_logprob"], logp.max(-1), atol=1e-5)
     assert got["neg_entropy"].shape == (3, 9)
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+class CharTokenizer:
+    """One id per character of CHARS, then the special tokens."""
+    CHARS = "x =123\n"
+    vocab_size = len(CHARS) + 4
+    mask_id, pad_id, eos_id, im_end_id = range(len(CHARS), len(CHARS) + 4)
+
+    def encode(self, text):
+        return [self.CHARS.index(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(self.CHARS[i] for i in ids if i < len(self.CHARS))
+
+
+def fake_run():
+    """A stand-in run whose logits ignore the canvas: the second-last position is "1"
+    or "2" with probability 1/2 each (greedy: "1"), the last is EOS. Completions of
+    "x = " are then "1" or "2"."""
+    tok = CharTokenizer()
+    first = np.full(tok.vocab_size, -1e9, np.float32)
+    first[[tok.CHARS.index("1"), tok.CHARS.index("2")]] = 0.0
+    rest = np.full(tok.vocab_size, -1e9, np.float32)
+    rest[tok.eos_id] = 0.0
+
+    def apply_fn(params, tokens, valid=None, **kw):
+        b, s = tokens.shape
+        return jnp.broadcast_to(params["rest"], (b, s, len(params["rest"]))).at[:, s - 2].set(
+            params["first"])
+
+    return types.SimpleNamespace(params={"first": jnp.asarray(first), "rest": jnp.asarray(rest)},
+                                 apply_fn=apply_fn, tokenizer=tok)
+
+
+def x_tasks():
+    return [tasks_lib.Task(f"x{v}", "x = ", "x", (f"assert x == {v}",)) for v in (1, 2, 3)]
+
+
+def test_sweep_pass_at_k_is_evaluates_on_the_same_completions():
+    """decode_tasks' pass@k equals evaluate_samples' on its completions and the
+    unbiased estimator worked from the passes by hand; the temperature sweep's rows
+    hold the same numbers (same seed), greedy gives exactly 1/3, and the orders are
+    read: two positions committed together, left to right, in two model calls."""
+    run, tasks = fake_run(), x_tasks()
+    cfg = sampling.SampleConfig(max_new_tokens=2, steps=2, temperature=1.0)
+    kw = dict(n=6, k=(1, 3), style="base", seed=3, workers=2)
+    decodes, report = A.decode_tasks(run, tasks, cfg, **kw)
+    samples = [{"task_id": r["task_id"], "completion": r["completion"]} for r in report["samples"]]
+    assert {s["completion"] for s in samples} == {"1", "2"}
+    again = evaluate.evaluate_samples(tasks, samples, k=(1, 3), progress=False, workers=2)
+    assert report["pass_at_k"] == again["pass_at_k"]
+    by_hand = {}
+    for task in tasks:
+        c = sum(s["completion"] == task.task_id[1] for s in samples if s["task_id"] == task.task_id)
+        for k in (1, 3):
+            by_hand.setdefault(k, []).append(1 - math.comb(6 - c, k) / math.comb(6, k))
+    for k in (1, 3):
+        assert report["pass_at_k"][str(k)] == pytest.approx(np.mean(by_hand[k]), abs=1e-12)
+
+    rows = A.temperature_sweep(run, tasks, cfg, [0.0, 1.0], ks=[1, 2], **kw)
+    assert [r["temperature"] for r in rows] == [0.0, 1.0]
+    assert rows[0]["pass@1"] == pytest.approx(1 / 3) and rows[0]["pass@3"] == pytest.approx(1 / 3)
+    assert rows[1]["pass@1"] == report["pass_at_k"]["1"]
+    assert rows[1]["pass@3"] == report["pass_at_k"]["3"]
+    assert rows[1]["samples"] == 18 and decodes.order.shape == (18, 2)
+    assert rows[1]["local@2"] == rows[1]["global@1"] == 1.0
+    assert rows[1]["tokens_per_call"] == 1.0
+
+
+def test_write_table(tmp_path):
+    rows = [{"run": "a", "pass@1": 0.5}, {"run": "b", "pass@1": 0.25, "extra": 3}]
+    csv_path, md_path = A.write_table(rows, str(tmp_path / "t"))
+    assert open(csv_path).read().splitlines() == ["run,pass@1,extra", "a,0.5,", "b,0.25,3"]
+    assert open(md_path).read().splitlines()[2:] == ["| a | 0.5000 |  |", "| b | 0.2500 | 3 |"]
