@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dllm import tokenizer as tokenizer_lib
+
 # ----------------------------------------------------------------------------- AR-ness
 
 
@@ -432,12 +434,7 @@ def denoising_frames(tok, out, row: int = 0, frames: int = 6,
     tokens = np.asarray(out.decoded.tokens)[row, p:]
     order = np.asarray(out.decoded.order)[row, p:]
     keep = order >= 0
-    ids = tokens[keep].tolist()
-    pieces, prev = [], ""
-    for i in range(len(ids)):  # the text each token adds in context (keeps the spaces)
-        text = tok.decode(ids[:i + 1])
-        pieces.append(text[len(prev):])
-        prev = text
+    pieces = tokenizer_lib.token_texts(tok, tokens[keep].tolist())
     last = int(order.max()) if keep.any() else 0
     shown = []
     for step in np.unique(np.linspace(0, last, frames).round().astype(int)):

@@ -15,12 +15,6 @@ from ml_collections import config_flags
 
 from dllm import analysis, runs
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/analysis.py:<variant>",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the plots and tables go.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
 def finished(workdir: str) -> bool:
     """Whether workdir holds a run whose latest checkpoint is its last step."""
     saved = runs.checkpoint_steps(workdir)
@@ -47,10 +41,19 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    train_missing(_CONFIG.value)
-    for path in analysis.run_analysis(_CONFIG.value, _WORKDIR.value):
+    config = flags.FLAGS.config
+    train_missing(config)
+    for path in analysis.run_analysis(config, flags.FLAGS.workdir):
         print(path)
 
 
+def _define_flags() -> None:  # at run time only: the module is also imported (notebooks)
+    config_flags.DEFINE_config_file("config", None, "experiments/analysis.py:<variant>",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Where the plots and tables go.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from dllm import runs, sampling
+from dllm import analysis, runs, sampling
+from dllm import tokenizer as tokenizer_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run (config.json, checkpoints/).")
 _PROMPT = flags.DEFINE_multi_string("prompt", ["def fibonacci(n):\n"], "Prompt(s); one row each.")
@@ -53,22 +54,13 @@ def sample_config(run_sample) -> sampling.SampleConfig:
     return sampling.sample_config_from_dict(d)
 
 
-def token_texts(tok, ids) -> list[str]:
-    """The text each token adds in context (decoding prefixes keeps the spaces)."""
-    texts, prev = [], ""
-    for i in range(len(ids)):
-        text = tok.decode(ids[:i + 1])
-        texts.append(text[len(prev):])
-        prev = text
-    return texts
-
-
 def show(tok, out: sampling.Decoded, keep: np.ndarray, fps: float):
     """Replay the denoising: masked positions as dots (the width of the token they
     become), each step's new tokens in green."""
     frames = np.asarray(sampling.history(out, tok.mask_id))
     order = np.asarray(out.order)
-    texts = [token_texts(tok, row[k].tolist()) for row, k in zip(np.asarray(out.tokens), keep)]
+    texts = [tokenizer_lib.token_texts(tok, row[k].tolist())
+             for row, k in zip(np.asarray(out.tokens), keep)]
     for t, frame in enumerate(frames):
         lines = []
         for row, k in enumerate(keep):
@@ -82,29 +74,6 @@ def show(tok, out: sampling.Decoded, keep: np.ndarray, fps: float):
                          + "\n\n----\n\n".join(lines) + "\n")
         sys.stdout.flush()
         time.sleep(1.0 / fps)
-
-
-def order_plot(order: np.ndarray, path: str):
-    """Heatmap of the step at which each position was unmasked (rows = samples; from
-    the first generated position on), and step against position (a diagonal = left
-    to right)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    start = int(np.argmax((order >= 0).any(0)))
-    gen = np.ma.masked_less(order[:, start:], 0)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3 + 0.2 * len(order)))
-    im = ax1.imshow(gen, aspect="auto", interpolation="nearest", cmap="viridis")
-    fig.colorbar(im, ax=ax1, label="step unmasked")
-    ax1.set(xlabel="generated position", ylabel="sample", title="decoding order",
-            yticks=range(len(order)))
-    for row in gen:
-        ax2.plot(np.flatnonzero(~np.ma.getmaskarray(row)), row.compressed(), ".", ms=3)
-    ax2.set(xlabel="generated position", ylabel="step", title="step vs position")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv):
@@ -127,7 +96,9 @@ def main(argv):
         print(f"{tok.decode(row[k].tolist())}\n----")
     print(f"{cfg}\nsteps per row: {np.asarray(out.steps).tolist()}")
     if _ORDER_PLOT.value:
-        order_plot(np.asarray(out.order), _ORDER_PLOT.value)
+        order = np.asarray(out.order)
+        start = int(np.argmax((order >= 0).any(0)))  # the first generated position
+        analysis.save(analysis.plot_order(order[:, start:]), _ORDER_PLOT.value)
 
 
 if __name__ == "__main__":

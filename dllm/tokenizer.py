@@ -89,6 +89,17 @@ class Tokenizer(abc.ABC):
         return chat_template(messages, add_generation_prompt)
 
 
+def token_texts(tok: Tokenizer, ids: Sequence[int]) -> list[str]:
+    """The text each token adds in context (decoding prefixes keeps the spaces that
+    decoding tokens one by one would drop)."""
+    texts, prev = [], ""
+    for i in range(len(ids)):
+        text = tok.decode(ids[:i + 1])
+        texts.append(text[len(prev):])
+        prev = text
+    return texts
+
+
 def chat_template(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
     """Renders messages in Qwen's ChatML format (DiffuCoder's chat format).
 

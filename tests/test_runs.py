@@ -76,7 +76,8 @@ def test_param_shardings_follow_the_logical_rules():
 
 
 def test_readers_do_not_import_the_trainer():
-    code = ("import sys, dllm.sample, dllm.evaluate, dllm.runs, dllm.sampling; "
+    code = ("import sys, dllm.sample, dllm.evaluate, dllm.runs, dllm.sampling, dllm.analysis, "
+            "dllm.analyze; "
             "assert 'dllm.train' not in sys.modules, 'dllm.train imported'")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)

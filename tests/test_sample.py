@@ -6,7 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from dllm import runs, sample, sampling
+from dllm import runs, sampling
+from dllm import tokenizer as tokenizer_lib
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def test_encode_prompts_left_pads_and_places_the_hole(run_dir):
     np.testing.assert_array_equal(prompts[1, -len(b + hole):], b + hole)
     pad = len(a) - len(b)
     assert not valid[1, :pad].any() and (prompts[1, :pad] == tok.pad_id).all()
-    assert "".join(sample.token_texts(tok, a)) == "def f(x):"
+    assert "".join(tokenizer_lib.token_texts(tok, a)) == "def f(x):"
 
 
 @pytest.mark.slow
