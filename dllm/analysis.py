@@ -305,16 +305,16 @@ def decoding_steps_sweep(points: Sequence[Checkpoint], tasks, cfg, *, ks: Sequen
     from dllm import runs
     rows = []
     for point in points:
-        run = runs.load_run(point.workdir, point.step)
+        run, first = runs.load_run(point.workdir, point.step), None
         for fraction in fractions:
             steps = max(1, round(cfg.max_new_tokens * fraction))
             decodes, report = decode_tasks(run, tasks, dataclasses.replace(cfg, steps=steps),
                                            style=point.style, **kw)
-            row = {"run": point.label, "steps": steps, **summarize(decodes, ks, report)}
-            first = next(r for r in rows + [row] if r["run"] == point.label)
-            row["relative_drop"] = (1.0 - row["pass@1"] / first["pass@1"]
-                                    if first["pass@1"] > 0 else float("nan"))
-            rows.append(row)
+            summary = summarize(decodes, ks, report)
+            first = summary["pass@1"] if first is None else first
+            drop = 1.0 - summary["pass@1"] / first if first > 0 else float("nan")
+            rows.append({"run": point.label, "steps": steps, "pass@1": summary["pass@1"],
+                         "relative_drop": drop, **summary})
     return rows
 
 

@@ -1,5 +1,5 @@
 """The analysis CLI and experiments/analysis.py: every variant's config, training of
-missing runs, and the analyses end to end on the tests' tiny run."""
+missing runs, and the analyses end to end on the tests' tiny run (trained_run)."""
 import csv
 import importlib.util
 import os
@@ -57,9 +57,9 @@ def _tiny_overrides(run: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_cli_writes_the_plot_and_tables(tiny_runs, tmp_path):
+def test_cli_writes_the_plot_and_tables(trained_run, tmp_path):
     """decoding_steps on the tests' tiny run: steps 8 and 4, the relative drop column."""
-    run = tiny_runs.workdir("reference")
+    run = trained_run
     assert analyze.finished(run)
     out = str(tmp_path / "out")
     proc = subprocess.run(
@@ -76,9 +76,9 @@ def test_cli_writes_the_plot_and_tables(tiny_runs, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["arness", "entropy_sink", "temperature", "training_stages"])
-def test_each_analysis_writes_its_files(tiny_runs, tmp_path, name):
+def test_each_analysis_writes_its_files(trained_run, tmp_path, name):
     config = experiments_analysis.get_config(name)
-    config.runs.pretrain.workdir = tiny_runs.workdir("reference")
+    config.runs.pretrain.workdir = trained_run
     config.update(read=("pretrain",), train=(), limit=3, n=2, k=(1, 2), max_k=3,
                   temperatures=(0.0, 1.0))
     config.sample.update(max_new_tokens=8, steps=8)
