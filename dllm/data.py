@@ -177,7 +177,7 @@ def get_tokenizer(data_cfg: ml_collections.ConfigDict, workdir: str) -> tokenize
     if data_cfg.tokenizer:
         return tokenizer_lib.load_tokenizer(data_cfg.tokenizer)
     path = os.path.join(workdir, "tokenizer.model")
-    if os.path.exists(path):
+    if fs.exists(path):
         return tokenizer_lib.load_tokenizer(path)
     texts = _split(data_cfg, "train")
     if data_cfg.source == "sft":
