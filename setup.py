@@ -5,7 +5,7 @@ setup(
     name="dllm",
     version="0.1.0",
     description="Masked diffusion language models for code (DiffuCoder, coupled-GRPO) in JAX/Flax",
-    packages=find_packages(include=["dllm", "dllm.*"]),
+    packages=find_packages(include=["dllm", "dllm.*", "launch", "launch.*"]),
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.7",

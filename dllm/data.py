@@ -73,23 +73,22 @@ def stdlib_files(patterns: str = "") -> list[str]:
 
 
 def _resolve_paths(path: str) -> list[str]:
-    """The files named by `path` (a file, a directory searched recursively, or a glob)."""
-    if os.path.isfile(path):
+    """The files named by `path` (a file, a directory searched recursively, or a glob;
+    on gs://, an object or the objects directly under a prefix)."""
+    if fs.is_remote(path) and fs.isdir(path):
+        found = [p for p in (os.path.join(path, n) for n in fs.listdir(path)) if not fs.isdir(p)]
+    elif fs.is_remote(path):
+        found = [path] if fs.exists(path) else []
+    elif os.path.isfile(path):
         return [path]
-    if os.path.isdir(path):
-        found = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+    elif os.path.isdir(path):
+        found = [os.path.join(d, f) for d, _, files in os.walk(path) for f in files]
     else:
         found = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
     if not found:
         raise FileNotFoundError(f"data path {path!r}: no such file, directory or glob match "
                                 "(or no files in it)")
     return sorted(found)
-
-
-def _read_text(path: str) -> str:
-    # Bytes, then decode: no newline translation, so "\r\n" stays as it is on disk.
-    with open(path, "rb") as f:
-        return fs.decode_utf8(f.read(), path)
 
 
 def _read_jsonl(path: str, fields: Sequence[str]) -> Iterator[tuple[str, ...]]:
@@ -110,7 +109,7 @@ def _fixed_order(items: list) -> list:
 def _stdlib_documents(patterns: str) -> Iterator[str]:
     for path in _fixed_order(stdlib_files(patterns)):
         try:
-            yield _read_text(path)
+            yield fs.read_text(path)
         except ValueError:  # test data that is deliberately latin-1, koi8-r, ...
             continue
 
@@ -125,7 +124,7 @@ def load_documents(data_cfg: ml_collections.ConfigDict) -> list[str]:
         where = f"stdlib {sysconfig.get_paths()['stdlib']!r} (path {data_cfg.path!r})"
     elif data_cfg.source == "text":
         paths = _fixed_order(_resolve_paths(data_cfg.path))
-        docs, where = map(_read_text, paths), repr(data_cfg.path)
+        docs, where = map(fs.read_text, paths), repr(data_cfg.path)
     elif data_cfg.source == "jsonl":
         field = data_cfg.text_field
         rows = [r for p in _resolve_paths(data_cfg.path) for r in _read_jsonl(p, [field])]
