@@ -14,10 +14,11 @@
   status  the queued resource's state, and the run's on worker 0
   stop    SIGTERM to the run on every worker: it saves a checkpoint and exits
   delete  delete the queued resource and its slice
-  up      create, setup and run, then watch: when the slice is preempted (the queued
-          resource FAILED, SUSPENDING or SUSPENDED), delete it, create it again, set it
-          up and rerun the same command, which resumes from the latest checkpoint in
-          the gs:// workdir; returns when the run exits
+  up      create, setup and run (what is not done yet: a slice made by `create` is
+          used, a running run is watched), then watch: when the slice is preempted (the
+          queued resource FAILED, SUSPENDING or SUSPENDED, or gone), delete it, create it
+          again, set it up and rerun the same command, which resumes from the latest
+          checkpoint in the gs:// workdir; exits with the run's status when it ends
 
 --dry-run prints every command (one argument list per line, as `shlex.join` writes
 it) and runs nothing. Commands are argument lists (no local shell); the one string a
@@ -46,6 +47,7 @@ RUNTIME_VERSIONS = {"v6e": "v2-alpha-tpuv6e", "v5p": "v2-alpha-tpuv5",
 ACTIVE = "ACTIVE"
 LOST = ("FAILED", "SUSPENDING", "SUSPENDED")
 WORKER_ENV = {"PYTHONUNBUFFERED": "1"}   # logs line by line
+CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 
 # On each worker: code in ~/dllm, the environment in ~/dllm-venv, the run's log, pid,
 # exit status and stop mark in ~/dllm.{log,pid,exit,stopped}.
@@ -72,6 +74,7 @@ class Slice:
     accelerator: str = ""           # e.g. v5p-64 (create only)
     runtime_version: str = ""       # default: RUNTIME_VERSIONS of the generation
     capacity: str = "on-demand"     # spot | reserved | on-demand
+    service_account: str = ""       # the workers' identity ("": the project's default)
 
     def gcloud(self, *args: str) -> list[str]:
         return ["gcloud", "compute", "tpus", *args, f"--zone={self.zone}",
@@ -97,9 +100,12 @@ def create_command(s: Slice) -> list[str]:
                          f"{generation!r} (known: {sorted(RUNTIME_VERSIONS)}); "
                          "pass --runtime_version")
     capacity = {"spot": ["--spot"], "reserved": ["--reserved"], "on-demand": []}[s.capacity]
+    # With a service account, its IAM roles alone decide what the workers may do.
+    identity = [f"--service-account={s.service_account}",
+                f"--scopes={CLOUD_PLATFORM_SCOPE}"] if s.service_account else []
     return s.gcloud("queued-resources", "create", s.name, f"--node-id={s.name}",
                     f"--accelerator-type={s.accelerator}", f"--runtime-version={version}",
-                    *capacity)
+                    *capacity, *identity)
 
 
 def describe_command(s: Slice) -> list[str]:
@@ -187,7 +193,12 @@ def create(gc: Gcloud, s: Slice, sleep=time.sleep, poll_s: float = 60) -> str:
         gc.note(f"then every {poll_s:g} s until the state is {ACTIVE}:")
         gc(describe_command(s), capture=True)
         return ACTIVE
-    while (current := state(gc, s)) != ACTIVE and current not in LOST:
+    return wait_until_provisioned(gc, s, sleep, poll_s)
+
+
+def wait_until_provisioned(gc: Gcloud, s: Slice, sleep=time.sleep, poll_s: float = 60) -> str:
+    """Polls until the slice is ACTIVE or lost (or gone); returns that state."""
+    while (current := state(gc, s)) not in (ACTIVE, *LOST, "NOT_FOUND"):
         sleep(poll_s)
     return current
 
@@ -218,6 +229,28 @@ def start(gc: Gcloud, s: Slice, job: Job, sleep=time.sleep, poll_s: float = 60) 
     return True
 
 
+def resume(gc: Gcloud, s: Slice, job: Job, sleep=time.sleep, poll_s: float = 60) -> bool:
+    """What is missing of create + setup + run: an ACTIVE slice (made by `create`, or
+    by an earlier `up`) is not created again, a running run is left alone (the watch
+    resumes). False if the slice is lost or gone."""
+    current = "NOT_FOUND" if gc.dry_run else state(gc, s)
+    if current == "NOT_FOUND":
+        return start(gc, s, job, sleep, poll_s)
+    if current == "UNKNOWN":
+        raise RuntimeError(f"cannot read the state of {s.name}: {shlex.join(describe_command(s))}")
+    if current not in LOST:   # a request still waiting for capacity, or provisioning
+        current = wait_until_provisioned(gc, s, sleep, poll_s)
+    if current != ACTIVE:
+        return False
+    if run_state(gc, s) == "running":
+        gc.note(f"{s.name} is {ACTIVE} and the run on it is running: watching it")
+        return True
+    gc.note(f"{s.name} is {ACTIVE}: setting it up and running")
+    setup(gc, s)
+    gc(ssh_command(s, run_remote(job)))
+    return True
+
+
 def up(gc: Gcloud, s: Slice, job: Job, sleep=time.sleep, poll_s: float = 60,
        max_restarts: int = 20) -> int:
     """start, then every `poll_s` look at the slice and the run on worker 0. A lost slice
@@ -226,7 +259,7 @@ def up(gc: Gcloud, s: Slice, job: Job, sleep=time.sleep, poll_s: float = 60,
     away; if the slice is still ACTIVE, a SIGTERM'd run (a maintenance event) is rerun
     on it and a failed one ends the watch. Returns the run's exit status (0 when
     finished or stopped by `stop`; 1 after too many restarts)."""
-    started, restarts, ended_once = start(gc, s, job, sleep, poll_s), 0, False
+    started, restarts, ended_once = resume(gc, s, job, sleep, poll_s), 0, False
     if gc.dry_run:
         gc.note(f"then every {poll_s:g} s: the slice's state, and the run's on worker 0:")
         gc(describe_command(s), capture=True)
@@ -308,6 +341,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     capacity.add_argument("--reserved", action="store_const", dest="capacity",
                           const="reserved")
     slice_flags.set_defaults(capacity="on-demand")
+    slice_flags.add_argument("--service_account", default="",
+                             help="the workers' service account (e.g. with "
+                                  "roles/storage.objectUser on the workdir's bucket)")
     poll = argparse.ArgumentParser(add_help=False)
     poll.add_argument("--poll_s", type=float, default=60, help="seconds between polls")
     job_flags = argparse.ArgumentParser(add_help=False)
@@ -347,7 +383,8 @@ def main(argv=None, sleep=time.sleep) -> int:
     args = parse(sys.argv[1:] if argv is None else list(argv))
     gc = Gcloud(args.dry_run)
     s = Slice(args.name, args.project, args.zone, getattr(args, "accelerator", ""),
-              getattr(args, "runtime_version", ""), getattr(args, "capacity", "on-demand"))
+              getattr(args, "runtime_version", ""), getattr(args, "capacity", "on-demand"),
+              getattr(args, "service_account", ""))
     job = None
     if args.command in ("run", "up"):
         job = Job(check_config(args.config), args.workdir, args.overrides, check_env(args.env))

@@ -16,12 +16,14 @@ import runs
 from launch import local, tpu
 
 ROOT = runs.ROOT
+SA = "trainer@proj-b.iam.gserviceaccount.com"
 SHAPES = [  # (flags, expected zone, project, accelerator, runtime version, capacity flags)
     (["--name=tiny-a", "--project=proj-a", "--zone=us-east5-a", "--accelerator=v5p-8", "--spot"],
      "us-east5-a", "proj-a", "v5p-8", "v2-alpha-tpuv5", ["--spot"]),
     (["--name=pod-b", "--project=proj-b", "--zone=us-west4-a", "--accelerator=v5litepod-32",
-      "--reserved"], "us-west4-a", "proj-b", "v5litepod-32", "v2-alpha-tpuv5-lite",
-     ["--reserved"]),
+      "--reserved", f"--service_account={SA}"], "us-west4-a", "proj-b", "v5litepod-32",
+     "v2-alpha-tpuv5-lite", ["--reserved", f"--service-account={SA}",
+                             "--scopes=https://www.googleapis.com/auth/cloud-platform"]),
 ]
 
 
@@ -301,6 +303,19 @@ def test_up_recreates_a_preempted_slice_and_reruns_the_same_command(fake_gcloud,
         assert r["env"] == {"PYTHONUNBUFFERED": "1", "MY_VAR": "x"}
     for w in ("worker0", "worker1"):   # logs kept per worker
         assert "--- sample ---" in (fake_gcloud / w / "dllm.log").read_text()
+
+
+def test_up_on_a_slice_made_by_create_sets_it_up_and_runs(fake_gcloud, capsys):
+    slice_flags = ["--name=job", "--project=p", "--zone=z", "--accelerator=v5p-8"]
+    assert tpu.main(["create", *slice_flags], sleep=bounded_sleep()) == 0
+    assert tpu.main(["up", *slice_flags, "--config=experiments/sft.py:tiny",
+                     "--workdir=gs://bkt/run"], sleep=bounded_sleep()) == 0
+    assert "job is ACTIVE: setting it up and running" in capsys.readouterr().out
+    kinds = [" ".join(c[2:4]) for c in calls(fake_gcloud)
+             if c[2:4] != ["queued-resources", "describe"]
+             and not (c[3] == "ssh" and c[5] == "--worker=0")]
+    assert kinds == ["queued-resources create", "tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh"]
+    assert len(open(fake_gcloud / "runs.jsonl").readlines()) == 2   # one run per worker
 
 
 def test_up_gives_up_after_max_restarts(fake_gcloud, monkeypatch, capsys):
