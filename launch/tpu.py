@@ -394,7 +394,12 @@ def main(argv=None, sleep=time.sleep) -> int:
             gc.note(f"{s.name} is {current}")
         return 0 if current == ACTIVE else 1
     if args.command == "up":
-        return up(gc, s, job, sleep, args.poll_s, args.max_restarts)
+        try:
+            return up(gc, s, job, sleep, args.poll_s, args.max_restarts)
+        except KeyboardInterrupt:
+            gc.note(f"stopped watching; {s.name} and its run go on (status, logs, stop, "
+                    "delete; or up again to watch)")
+            return 130
     if args.command == "status":
         gc.note(f"queued resource: {state(gc, s)}")
         gc.note(f"run on worker 0: {run_state(gc, s)}")
