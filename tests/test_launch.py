@@ -3,7 +3,6 @@ watcher against a fake gcloud) and launch.local (N processes, failure handling).
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -113,8 +112,9 @@ FAKE_DLLM_PYTHON = """#!{python}
 import json, os, sys
 d, home = os.environ["FAKE_GCLOUD_DIR"], os.environ["HOME"]
 with open(os.path.join(d, "runs.jsonl"), "a") as f:
+    env = {{k: os.environ.get(k) for k in ("PYTHONUNBUFFERED", "MY_VAR")}}
     f.write(json.dumps({{"home": home, "cwd": os.getcwd(), "argv": sys.argv[1:],
-                        "env": {{k: os.environ.get(k) for k in ("PYTHONUNBUFFERED", "MY_VAR")}}}}) + "\\n")
+                        "env": env}}) + "\\n")
 first = sum(json.loads(l)["home"] == home for l in open(os.path.join(d, "runs.jsonl"))) == 1
 if os.path.exists(os.path.join(d, "hang")):  # until SIGTERM, then save and stop as dllm does
     import signal
