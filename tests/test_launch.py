@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-import runs
+import subprocess_runs as runs
 from launch import local, tpu
 
 ROOT = runs.ROOT
@@ -361,7 +361,7 @@ def test_local_one_failure_stops_the_others(tmp_path):
 
 @pytest.mark.slow
 def test_local_two_processes_train_the_tiny_config(tiny_runs):
-    """launch.local -n 2 runs the two-process tiny run of tests/runs.py: both exit 0
+    """launch.local -n 2 runs the two-process tiny run of tests/subprocess_runs.py: both exit 0
     and the losses equal the one-process reference run's."""
     workdir = tiny_runs.workdir("local_pair")
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
