@@ -8,6 +8,10 @@ Each token that may be noised is replaced by the mask token with probability
 1 - alpha(t) (one t per sequence); the loss is the cross-entropy on the masked
 positions weighted by w(t) = -alpha'(t) / (1 - alpha(t)), summed and divided by the
 number of loss-bearing tokens: an unbiased estimate of the NELBO per token.
+A token may be noised only if the position left of it is a valid token: under the
+Dream logits shift its prediction is that position's output, so column 0 (and the
+first real token of a left-padded row) is never noised (DiffuLLaMA drops it from
+the loss; DiffuCoder's BOS is always clean).
 
 `apply_fn(params, tokens, valid, lookahead) -> logits [B, S, V]` is the model.
 """
@@ -75,14 +79,16 @@ def _stage1_masks(rng: Array, shape, cfg: ElboConfig):
 
 def loss_masks(batch, rng: Array, cfg: ElboConfig):
     """(valid, noisable) [B, S] bool for a batch: valid tokens take part in
-    attention; noisable tokens may be masked and carry the loss."""
+    attention; noisable tokens may be masked and carry the loss. A noisable token
+    has a valid left neighbour, whose output predicts it (column 0 never noised)."""
     tokens = batch["tokens"]
     valid, clean = _stage1_masks(rng, tokens.shape, cfg)
     if "prompt_mask" in batch:
         clean = clean | batch["prompt_mask"]
     if "pad_mask" in batch and not cfg.train_on_pad:
         valid = valid & ~batch["pad_mask"]
-    return valid, valid & ~clean
+    left_valid = jnp.pad(valid[:, :-1], ((0, 0), (1, 0)))  # False in column 0
+    return valid, valid & left_valid & ~clean
 
 
 def lookahead_at(step, seq_len: int, cfg: ElboConfig):

@@ -61,8 +61,61 @@ def test_mc_nelbo_of_uniform_model_is_s_log_v(schedule):
     cfg = elbo.ElboConfig(schedule=schedule)
     nll, n = elbo.nelbo(zeros, batch(), jax.random.key(0), apply_fn=lambda p, *a: p, cfg=cfg,
                         mask_id=MASK, num_samples=64)
-    np.testing.assert_array_equal(n, S)
-    assert float(nll.mean()) == pytest.approx(S * math.log(V), rel=0.05)
+    np.testing.assert_array_equal(n, S - 1)     # position 0 is never noised
+    assert float(nll.mean()) == pytest.approx((S - 1) * math.log(V), rel=0.05)
+
+
+def np_nll(table, tokens):
+    """[B, S] cross-entropy in float64."""
+    z = np.asarray(table, np.float64)
+    logp = z - z.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    return -np.take_along_axis(logp, np.asarray(tokens)[..., None], -1)[..., 0]
+
+
+# Times in [1 - 1e-6, 1): every noisable token is masked and w(t) = 1/t is 1 within 1e-6.
+ALL_MASKED = elbo.ElboConfig(time_eps=1.0 - 1e-6)
+
+
+def test_position_0_is_never_noised_and_carries_no_loss():
+    rec = Recorder()
+    table = jnp.zeros((B, S, V))
+    col1_masked = 0
+    for seed in range(50):
+        x = batch(seed)
+        elbo.elbo_loss(table, x, jax.random.key(seed), apply_fn=rec, cfg=elbo.ElboConfig(),
+                       mask_id=MASK)
+        noisy = np.asarray(rec.inputs[-1][0])
+        np.testing.assert_array_equal(noisy[:, 0], x["tokens"][:, 0])
+        col1_masked += int((noisy[:, 1] == MASK).sum())
+    assert col1_masked > 100
+    # At t ~ 1: NumPy's mean NLL over columns 1..S-1, although column 0's target is
+    # given a huge NLL (it would dominate the loss if it were counted).
+    x = batch(7)
+    table = np.array(jax.random.normal(jax.random.key(8), (B, S, V)))
+    table[np.arange(B), 0, np.asarray(x["tokens"][:, 0])] = -1e4
+    loss, m = elbo.elbo_loss(jnp.asarray(table), x, jax.random.key(9), apply_fn=rec,
+                             cfg=ALL_MASKED, mask_id=MASK)
+    noisy = np.asarray(rec.inputs[-1][0])
+    assert (noisy[:, 0] != MASK).all() and (noisy[:, 1:] == MASK).all()
+    want = np_nll(table, x["tokens"])[:, 1:].mean()
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    assert float(m["mask_rate"]) == 1.0
+
+
+def test_a_left_padded_rows_first_real_token_is_never_noised():
+    """Pads excluded from attention on the left (pad_mask with train_on_pad=False):
+    the first real token's shifted prediction would come from a pad, so only the
+    tokens after it are noisable."""
+    tokens = jnp.zeros((3, 6), jnp.int32)
+    pads = jnp.array([[True, True, False, False, False, False],
+                      [False] * 6,
+                      [False, False, False, False, True, True]])
+    valid, noisable = elbo.loss_masks({"tokens": tokens, "pad_mask": pads}, jax.random.key(0),
+                                      elbo.ElboConfig(train_on_pad=False))
+    np.testing.assert_array_equal(valid, ~pads)
+    np.testing.assert_array_equal(noisable, [[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1],
+                                             [0, 1, 1, 1, 0, 0]])
 
 
 def test_sft_never_masks_the_prompt_and_pads_follow_the_option():
