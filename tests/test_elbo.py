@@ -165,12 +165,53 @@ def test_stage1_truncation_and_prefix():
     assert bool(rec.inputs[-1][1].all())
 
 
-def test_attention_annealing_goes_from_causal_to_full():
+def test_band_annealing_goes_from_causal_to_full():
+    cfg = elbo.ElboConfig(anneal_steps=100, anneal="band")
+    key = jax.random.key(0)
+    assert int(elbo.lookahead_at(key, 0, 64, cfg)) == 0
+    assert int(elbo.lookahead_at(key, 50, 64, cfg)) == 32
+    assert int(elbo.lookahead_at(key, 500, 64, cfg)) == 64
+    assert elbo.lookahead_at(key, 10, 64, elbo.ElboConfig()) == "default"
+
+
+def test_random_annealing_opens_a_fraction_r_of_the_upper_triangle():
+    """DiffuLLaMA: at step n each (query, key) pair above the diagonal is open with
+    probability r = min(1, (n + 1) / anneal_steps), the causal part always."""
     cfg = elbo.ElboConfig(anneal_steps=100)
-    assert int(elbo.lookahead_at(0, 64, cfg)) == 0
-    assert int(elbo.lookahead_at(50, 64, cfg)) == 32
-    assert int(elbo.lookahead_at(500, 64, cfg)) == 64
-    assert elbo.lookahead_at(10, 64, elbo.ElboConfig()) == "default"
+    s = 64
+    upper = np.triu(np.ones((s, s), bool), 1)   # 2016 pairs
+    draw = jax.jit(lambda k, n: elbo.lookahead_at(k, n, s, cfg))
+    for step in (0, 24, 49, 80):
+        r = (step + 1) / 100
+        draws = np.stack([np.asarray(draw(jax.random.key(k), step)) for k in range(10)])
+        assert draws.dtype == bool and draws[:, ~upper].all()
+        # 10 x 2016 Bernoulli(r) pairs: within 5 standard deviations of r.
+        assert abs(draws[:, upper].mean() - r) < 5 * np.sqrt(r * (1 - r) / draws[:, upper].size)
+        assert (draws[0] != draws[1]).any()   # a fresh draw for every key
+    for step in (99, 100, 5000):
+        assert np.asarray(draw(jax.random.key(0), step)).all()
+    with pytest.raises(ValueError, match="anneal"):
+        elbo.ElboConfig(anneal="linear")
+
+
+def test_annealed_loss_runs_through_the_model():
+    """elbo_loss with a real model: the [S, S] mask reaches attention (step 0: nearly
+    causal, another loss), and from anneal_steps on the loss is full attention's."""
+    from dllm import model as M
+    cfg = M.ModelConfig(vocab_size=V, hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16,
+                        mlp=64)
+    model = M.Transformer(cfg)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    apply_fn = lambda p, x, valid, lookahead: model.apply({"params": p}, x, valid,
+                                                          lookahead=lookahead)
+    loss = jax.jit(lambda p, step, c: elbo.elbo_loss(p, batch(), jax.random.key(3),
+                                                     apply_fn=apply_fn, cfg=c, mask_id=MASK,
+                                                     step=step)[0], static_argnums=2)
+    annealed, full = elbo.ElboConfig(anneal_steps=10), elbo.ElboConfig()
+    np.testing.assert_allclose(loss(params, 10, annealed), loss(params, 10, full), rtol=1e-6)
+    assert abs(float(loss(params, 0, annealed)) - float(loss(params, 0, full))) > 1e-4
+    grads = jax.grad(loss)(params, 3, annealed)
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 
 def test_unknown_loss_key_is_named():
