@@ -7,7 +7,8 @@ A batch is a dict of [B, S] arrays:
 Each token that may be noised is replaced by the mask token with probability
 1 - alpha(t) (one t per sequence); the loss is the cross-entropy on the masked
 positions weighted by w(t) = -alpha'(t) / (1 - alpha(t)), summed and divided by the
-number of loss-bearing tokens: an unbiased estimate of the NELBO per token.
+number of loss-bearing tokens: an unbiased estimate of the NELBO per token (or, with
+`normalize="sequence"`, each sequence's sum by its own count, then the batch mean).
 A token may be noised only if the position left of it is a valid token: under the
 Dream logits shift its prediction is that position's output, so column 0 (and the
 first real token of a left-padded row) is never noised (DiffuLLaMA drops it from
@@ -43,10 +44,15 @@ class ElboConfig:
     # [S, S] draw per step shared by the batch) | band (query i sees keys
     # j <= i + floor(S * min(1, n / anneal_steps)))
     anneal: str = "random"
+    # tokens: the batch's weighted sum / its noisable tokens | sequence (LLaDA's SFT): each
+    # sequence's weighted sum / its own noisable (answer) tokens, then the mean over the batch
+    normalize: str = "tokens"
 
     def __post_init__(self):
-        if self.anneal not in ("random", "band"):
-            raise ValueError(f"loss.anneal={self.anneal!r}; allowed: ('random', 'band')")
+        for key, allowed in (("anneal", ("random", "band")),
+                             ("normalize", ("tokens", "sequence"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"loss.{key}={getattr(self, key)!r}; allowed: {allowed}")
 
 
 def elbo_config_from_dict(d) -> ElboConfig:
@@ -130,7 +136,10 @@ def elbo_loss(params, batch, rng: Array, *, apply_fn, cfg: ElboConfig, mask_id: 
 
     n_masked = jnp.maximum(masked.sum(), 1)
     weighted = jnp.where(masked, nll * schedule.weight(t)[:, None], 0.0)
-    loss = weighted.sum() / jnp.maximum(noisable.sum(), 1)
+    if cfg.normalize == "sequence":
+        loss = jnp.mean(weighted.sum(-1) / jnp.maximum(noisable.sum(-1), 1))
+    else:
+        loss = weighted.sum() / jnp.maximum(noisable.sum(), 1)
     correct = (jnp.argmax(logits, -1) == tokens) & masked
     metrics = {
         "loss": loss,

@@ -118,6 +118,35 @@ def test_a_left_padded_rows_first_real_token_is_never_noised():
                                              [0, 1, 1, 1, 0, 0]])
 
 
+@pytest.mark.parametrize("train_on_pad", [True, False])
+def test_sequence_and_token_normalisation_match_numpy(train_on_pad):
+    """Four SFT rows with prompts of 2-9 tokens and 0-10 pads: at t ~ 1 (all noisable
+    tokens masked, weight ~ 1), "tokens" is the NLL summed over the batch's noisable
+    tokens / their count; "sequence" (LLaDA) the mean over rows of each row's sum /
+    its own count."""
+    b, s = 4, S
+    x = batch(11, b=b)
+    prompt_len, pad_len = np.array([2, 5, 9, 3]), np.array([0, 10, 4, 7])
+    pos = np.arange(s)[None]
+    x["prompt_mask"] = jnp.asarray(pos < prompt_len[:, None])
+    x["pad_mask"] = jnp.asarray(pos >= s - pad_len[:, None])
+    table = np.asarray(jax.random.normal(jax.random.key(12), (b, s, V))) * 2
+    noisable = pos >= prompt_len[:, None]
+    if not train_on_pad:
+        noisable = noisable & (pos < s - pad_len[:, None])
+    nll = np.where(noisable, np_nll(table, x["tokens"]), 0.0)
+    want = {"tokens": nll.sum() / noisable.sum(),
+            "sequence": np.mean(nll.sum(-1) / noisable.sum(-1))}
+    assert abs(want["tokens"] - want["sequence"]) > 0.01
+    for normalize, value in want.items():
+        cfg = dataclasses.replace(ALL_MASKED, normalize=normalize, train_on_pad=train_on_pad)
+        loss, _ = elbo.elbo_loss(jnp.asarray(table), x, jax.random.key(13),
+                                 apply_fn=lambda p, *a: p, cfg=cfg, mask_id=MASK)
+        assert float(loss) == pytest.approx(value, rel=1e-5), normalize
+    with pytest.raises(ValueError, match="normalize"):
+        elbo.ElboConfig(normalize="batch")
+
+
 def test_sft_never_masks_the_prompt_and_pads_follow_the_option():
     rec = Recorder()
     x = batch()
