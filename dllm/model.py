@@ -317,8 +317,9 @@ class Transformer(nn.Module):
         so the first real token of a left-padded row has position 0); lookahead:
         None (bidirectional), 0 (causal) or an int / traced scalar in between, or a
         bool array [S, S] / [B, S, S] of allowed (query, key) pairs (see
-        `attention_mask`; ANDed with the padding mask); "default" = the config's `causal`. Returns logits [B, S, V] float32, shifted
-        (position i predicts token i) when cfg.shift_logits.
+        `attention_mask`; ANDed with the padding mask); "default" = the config's
+        `causal`. Returns logits [B, S, V] float32, shifted (position i predicts
+        token i) when cfg.shift_logits.
 
         Window call: `cache` holds the K/V of a whole canvas [B, S_c] and `tokens`
         are its positions window_start[b] ... window_start[b] + S - 1 ([B] int; the
