@@ -17,12 +17,14 @@ element of the source k whose count rises between i and i + 1.
 """
 from __future__ import annotations
 
+import fractions
+import math
 import sys
 from typing import Sequence
 
 import grain
 
-_RESOLUTION = 1 << 20   # proportions are kept to about one part in a million
+_MAX_DENOMINATOR = 10 ** 6   # weights are taken to six significant decimals
 
 
 class Mixture:
@@ -34,9 +36,13 @@ class Mixture:
         bad = [n for n, w in zip(names, weights) if not w > 0]
         if bad:
             raise ValueError(f"mixture sources {bad}: weights must be positive, got {weights}")
-        total = sum(weights)
+        # Exact integer proportions: 0.7 : 0.3 is 7 : 3, so the interleaving repeats
+        # every 10 draws and small prefixes hold the shares exactly.
+        ratios = [fractions.Fraction(w).limit_denominator(_MAX_DENOMINATOR) for w in weights]
+        scale = math.lcm(*(r.denominator for r in ratios))
+        ints = [int(r * scale) for r in ratios]
         self.names = tuple(names)
-        self.proportions = tuple(max(1, round(w / total * _RESOLUTION)) for w in weights)
+        self.proportions = tuple(i // math.gcd(*ints) for i in ints)
 
     def _counts_pair(self, n: int) -> tuple[list[int], list[int]]:
         """(c(n), c(n + 1)): the draws of each source among the first n and n + 1."""
