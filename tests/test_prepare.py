@@ -3,11 +3,15 @@ resume after an interruption, verification, bad records, parallel workers, SFT
 corpora, lazy reads, and the RL problem set with the difficulty filter."""
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorstore as ts
 
+import runs
 from dllm import corpus, data, prepare, tasks
 from dllm import tokenizer as tokenizer_lib
 
@@ -274,3 +278,27 @@ def test_problems_lacking_a_model_or_tests_name_the_line(tmp_path):
     path = _problems_file(tmp_path / "q.jsonl", [{"question": "q", "tests": []}])
     with pytest.raises(ValueError, match=r"q\.jsonl:1: `tests` must be a non-empty list"):
         prepare.prepare_problems(path, str(tmp_path / "out.jsonl"))
+
+
+@pytest.mark.slow   # two interpreters start (~5 s)
+def test_cli_prepares_then_verifies_and_filters_problems(tok, tmp_path):
+    env = {**os.environ, "PYTHONPATH": runs.ROOT}
+    path = _write_jsonl(tmp_path / "docs.jsonl", _documents(12))
+    command = [sys.executable, "-m", "dllm.prepare", "--source=jsonl", f"--path={path}",
+               f"--out={tmp_path / 'out'}", f"--tokenizer={tok.path}", "--workers=1"]
+    first = subprocess.run(command, env=env, capture_output=True, text=True,
+                           timeout=runs.TIMEOUT_S)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"{tmp_path / 'out'} train:" in first.stdout
+    again = subprocess.run(command, env=env, capture_output=True, text=True,
+                           timeout=runs.TIMEOUT_S)
+    assert again.returncode == 0 and "already prepared; verifying" in again.stdout
+    problems = _problems_file(tmp_path / "p.jsonl", [
+        {"question": f"q{i}", "tests": ["assert True"], "pass_rates": {"m": i / 10}}
+        for i in range(10)])
+    rl = subprocess.run([sys.executable, "-m", "dllm.prepare", "--source=rl",
+                         f"--path={problems}", f"--out={tmp_path / 'hard.jsonl'}",
+                         "--min_std_percentile=0"], env=env, capture_output=True, text=True,
+                        timeout=runs.TIMEOUT_S)
+    assert rl.returncode == 0, rl.stderr[-3000:]
+    assert "kept 2 of 10 problems" in rl.stdout    # means 0.0, 0.1 <= the 20th percentile, 0.18
