@@ -57,7 +57,6 @@ Errors in the input name the file and, for line-based formats, the line.
 import fnmatch
 import glob
 import itertools
-import json
 import os
 import sysconfig
 import zlib

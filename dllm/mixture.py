@@ -24,7 +24,7 @@ from typing import Sequence
 
 import grain
 
-_MAX_DENOMINATOR = 10 ** 6   # weights are taken to six significant decimals
+_MAX_DENOMINATOR = 10 ** 6   # a weight is read as the nearest fraction p/q, q <= 10^6
 
 
 class Mixture:

@@ -34,7 +34,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import sys
 import tempfile
 from typing import Iterator, Sequence
 
@@ -109,7 +108,7 @@ def _document(source: str, where: str, payload, text_field: str):
 def _shards(source: str, path: str, size: int, skip: int) -> Iterator[tuple[int, list]]:
     """(shard index, [(where, payload)] of `size` records), from shard `skip` on."""
     records = _records(source, path)
-    for index in range(sys.maxsize):
+    for index in itertools.count():
         chunk = [next(records, None) for _ in range(size)]
         chunk = [r for r in chunk if r is not None]
         if not chunk:
@@ -525,7 +524,7 @@ def _define_flags():
                       "it (counted, listed in metadata.json) or stop.")
     flags.DEFINE_float("max_mean_percentile", 20.0, "rl: keep mean pass rate <= this percentile.")
     flags.DEFINE_float("min_std_percentile", 40.0, "rl: then keep spread >= this percentile.")
-    flags.DEFINE_list("models", [], "rl: the reference models whose pass rates count (default all).")
+    flags.DEFINE_list("models", [], "rl: reference models whose pass rates count (default all).")
 
 
 def main(argv):
