@@ -27,7 +27,8 @@
                   "prepared": fixed when the corpus was prepared (its eval split).
   max_documents   use at most this many documents / pairs, 0 = all (default 0). They are
                   a fixed pseudo-random subset, so a cap still samples the whole corpus.
-  tokenizer       path of an existing tokenizer (.model); "" = train a sentencepiece BPE
+  tokenizer       path of an existing tokenizer (.model, tokenizer.json or a Hugging Face
+                  directory); "" = train a sentencepiece BPE
                   on the training documents, cached at `workdir/tokenizer.model`.
                   "prepared": "" = the prepared corpus's own tokenizer (copied to workdir);
                   a path must be the very tokenizer the corpus was prepared with.
@@ -153,8 +154,8 @@ def sft_pair(record: dict, where: str) -> tuple[tuple[dict, ...], str]:
         raise ValueError(f"{where}: `messages` must be a list of at least two "
                          '{"role": system|user|assistant, "content": str} ending with the '
                          "assistant's response")
-    return tuple({"role": m["role"], "content": m["content"]} for m in messages[:-1]), \
-        messages[-1]["content"]
+    prompt = tuple({"role": m["role"], "content": m["content"]} for m in messages[:-1])
+    return prompt, messages[-1]["content"]
 
 
 def _fixed_order(items: list) -> list:
