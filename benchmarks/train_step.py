@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from dllm import config as config_lib, metrics, model as model_lib, sharding, train
+from dllm import config as config_lib, elbo, metrics, model as model_lib, sharding, train
 
 # (preset, global batch, sequence length)
 SHAPES = {"tiny": (32, 128), "100m": (4, 512)}
@@ -56,7 +56,7 @@ def bench_preset(name: str, steps: int, ceiling: float) -> dict:
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
     state, shardings = train.init_state(model, tx, 0, mesh, sharding.DEFAULT_RULES)
     mask_id = model_cfg.vocab_size - 1
-    loss_fn = train.stage_loss(config, model, mask_id)
+    loss_fn = elbo.stage_loss(config.loss, model_lib.model_apply(model), mask_id)
     with sharding.activate(mesh, sharding.DEFAULT_RULES):
         step = train.jit_train_step(train.make_train_step(loss_fn, tx), shardings, mesh)
         rng = np.random.default_rng(0)

@@ -1,4 +1,5 @@
-"""Forward masking and the ELBO losses of the three training stages.
+"""Forward masking and the ELBO losses of the three training stages, and the stage
+(`make_stage`) that trains them in the one skeleton (`dllm.train`).
 
 A batch is a dict of [B, S] arrays:
   tokens       int32, always
@@ -14,12 +15,14 @@ number of loss-bearing tokens: an unbiased estimate of the NELBO per token.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from dllm import schedules
+from dllm import data, model as model_lib, schedules, sharding
+from dllm.stage import BatchSource, Stage, StageContext
 
 Array = jax.Array
 
@@ -144,3 +147,71 @@ def nelbo(params, batch, rng: Array, *, apply_fn, cfg: ElboConfig, mask_id: int,
 
     total, _ = jax.lax.scan(one_sample, jnp.zeros((b,)), jnp.arange(num_samples))
     return total / num_samples, noisable.sum(-1)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def stage_loss(loss_cfg, apply_fn, mask_id: int):
+    """The ELBO loss of `config.loss` as loss_fn(params, batch, rng, step)."""
+    cfg = elbo_config_from_dict(loss_cfg)
+    def loss_fn(params, batch, rng, step):
+        return elbo_loss(params, batch, rng, apply_fn=apply_fn, cfg=cfg, mask_id=mask_id,
+                         step=step)
+    return loss_fn
+
+
+class DatasetBatches(BatchSource):
+    """A grain dataset's batches (they do not depend on the state)."""
+
+    def __init__(self, dataset):
+        self.iterator = iter(dataset)
+
+    def next(self, state) -> dict:
+        del state
+        return next(self.iterator)
+
+    def get_state(self) -> dict:
+        return self.iterator.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.iterator.set_state(state)
+
+
+def held_out_nelbo(eval_fn, params, dataset, mesh, rng: Array, max_batches: int) -> float:
+    """Held-out NELBO per token (nats) over at most `max_batches` batches."""
+    total, count = 0.0, 0
+    for i, batch in enumerate(dataset):
+        if i >= max_batches:
+            break
+        nll, n = eval_fn(params, sharding.global_batch(batch, mesh), jax.random.fold_in(rng, i))
+        total += float(jnp.sum(nll))
+        count += int(jnp.sum(n))
+    return total / max(count, 1)
+
+
+def make_stage(ctx: StageContext) -> Stage:
+    """Pretraining, mid-training or SFT (the data source decides): the ELBO loss on
+    `config.data` batches; evaluation = held-out NELBO per token (`eval_nelbo`)."""
+    config = ctx.config
+    make_ds = functools.partial(data.make_dataset, config.data, ctx.tokenizer,
+                                batch_size=ctx.local_batch_size, seed=config.seed,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count())
+    batches = DatasetBatches(make_ds(split="train"))
+    evaluate = None
+    if config.train.eval_every:
+        # Built now so that an unusable eval split fails before training, not after it.
+        eval_ds = make_ds(split="eval")
+        eval_fn = jax.jit(functools.partial(
+            nelbo, apply_fn=ctx.apply_fn, mask_id=ctx.tokenizer.mask_id,
+            cfg=elbo_config_from_dict(config.loss), num_samples=config.train.eval_samples))
+
+        def evaluate(state):
+            return {"eval_nelbo": held_out_nelbo(eval_fn, state.params, eval_ds, ctx.mesh,
+                                                 jax.random.PRNGKey(config.seed + 1),
+                                                 config.train.eval_batches)}
+    tokens_per_step = config.train.batch_size * config.data.seq_len
+    flops = model_lib.flops_per_token(ctx.model_cfg, config.data.seq_len) * tokens_per_step
+    return Stage(loss_fn=stage_loss(config.loss, ctx.apply_fn, ctx.tokenizer.mask_id),
+                 batches=batches, evaluate=evaluate, tokens_per_step=tokens_per_step,
+                 flops_per_step=flops)

@@ -164,23 +164,18 @@ def checkpoint_sample_fn(workdir: str, overrides: dict, seed: int = 0):
     its config.sample, updated by `overrides` (SampleConfig fields). Completions stop
     at the first pad, EOS or <|im_end|>. Returns (sample_fn, chat_template, info)."""
     import jax
-    from dllm import sampling, train
-    config, model, params, tok = train.load_run(workdir)
-    cfg = sampling.sample_config_from_dict({**dict(config.sample), **overrides})
-    apply_fn = train.model_apply(model)
-    stop_ids = {tok.pad_id, tok.eos_id, tok.im_end_id}
+    from dllm import runs, sampling
+    run = runs.load_run(workdir)
+    cfg = sampling.sample_config_from_dict({**dict(run.config.sample), **overrides})
     calls = iter(range(1 << 30))
 
     def sample_fn(prompts: list[str]) -> list[str]:
-        tokens, valid = sampling.encode_prompts(tok, prompts, multiple=32)
-        out = sampling.generate(params, tokens, jax.random.fold_in(jax.random.PRNGKey(seed),
-                                                                    next(calls)),
-                                cfg, apply_fn=apply_fn, mask_id=tok.mask_id, pad_id=tok.pad_id,
-                                eos_id=tok.eos_id, valid=valid)
-        return sampling.completion_texts(tok, out.tokens, tokens.shape[1], stop_ids)
+        rng = jax.random.fold_in(jax.random.PRNGKey(seed), next(calls))
+        return sampling.generate_text(run.params, prompts, rng, cfg, apply_fn=run.apply_fn,
+                                      tokenizer=run.tokenizer).texts
 
     def chat_template(messages):
-        return tok.apply_chat_template(list(messages), add_generation_prompt=True)
+        return run.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
 
     info = {"workdir": workdir, "seed": seed, **{k: getattr(cfg, k) for k in
                                                  ("alg", "steps", "temperature", "top_p")}}

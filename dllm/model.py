@@ -143,6 +143,23 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
     return 3 * forward if training else forward
 
 
+def model_apply(model: nn.Module):
+    """apply_fn(params, tokens, valid=None, lookahead="default", **kw) -> logits [B, S, V];
+    kw are Transformer's cache keywords (cache, window_start, return_kv), used by cached
+    decoding. Make it once per model and reuse it: jitted callers take it as a static
+    argument, so a new one recompiles."""
+    def apply_fn(params, tokens, valid=None, lookahead="default", **kw):
+        return model.apply({"params": params}, tokens, valid, lookahead=lookahead, **kw)
+    return apply_fn
+
+
+def abstract_params(cfg: ModelConfig):
+    """The params as a tree of ShapeDtypeStructs boxed with their logical axes
+    (nn.LogicallyPartitioned); nothing is allocated."""
+    init = lambda: Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    return jax.eval_shape(init)["params"]
+
+
 def slice_rows(x: Array, start: Array, width: int) -> Array:
     """x[b, start[b] : start[b] + width] for each row: [B, S, ...] -> [B, width, ...]."""
     return jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, width))(x, start)

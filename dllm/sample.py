@@ -8,7 +8,7 @@
 
 Every `dllm.sampling.SampleConfig` field is a flag; unset ones take the run's
 `config.sample`, then SampleConfig's defaults. Several --prompt flags decode as one
-left-padded batch. --show replays the denoising in the terminal; --order_plot draws
+left-padded batch; a row stops at <|endoftext|>. --show replays the denoising in the terminal; --order_plot draws
 the step at which each position was unmasked.
 """
 import dataclasses
@@ -19,14 +19,13 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from dllm import sampling, train
+from dllm import runs, sampling
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run (config.json, checkpoints/).")
 _PROMPT = flags.DEFINE_multi_string("prompt", ["def fibonacci(n):\n"], "Prompt(s); one row each.")
 _SUFFIX = flags.DEFINE_string("suffix", "", "Infill: text after the generated tokens "
                               "(max_new_tokens masks go between prompt and suffix).")
 _CHAT = flags.DEFINE_bool("chat", False, "Wrap each prompt in the chat template.")
-_EOS = flags.DEFINE_string("eos_token", "<|endoftext|>", "Token that ends a row; '' = none.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: latest).")
 _SHOW = flags.DEFINE_bool("show", False, "Animate the denoising in the terminal.")
@@ -112,21 +111,15 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    config, model, params, tok = train.load_run(_WORKDIR.value, _STEP.value)
-    cfg = sample_config(config.sample)
-    texts = _PROMPT.value
-    if _CHAT.value:
-        texts = [tok.apply_chat_template([{"role": "user", "content": t}], True) for t in texts]
-    prompts, valid = sampling.encode_prompts(tok, texts, _SUFFIX.value, cfg.max_new_tokens)
-    if _SUFFIX.value:  # the hole is in the prompt: nothing to append
-        cfg = dataclasses.replace(cfg, max_new_tokens=0)
-    out = sampling.generate(params, prompts, jax.random.PRNGKey(_SEED.value), cfg,
-                            apply_fn=train.model_apply(model), mask_id=tok.mask_id,
-                            pad_id=tok.pad_id,
-                            eos_id=tok.token_to_id(_EOS.value) if _EOS.value else None,
-                            valid=valid)
+    run = runs.load_run(_WORKDIR.value, _STEP.value)
+    cfg = sample_config(run.config.sample)
+    gen = sampling.generate_text(run.params, _PROMPT.value, jax.random.PRNGKey(_SEED.value), cfg,
+                                 apply_fn=run.apply_fn, tokenizer=run.tokenizer, chat=_CHAT.value,
+                                 suffix=_SUFFIX.value, multiple=1)
+    out, tok = gen.decoded, run.tokenizer
     tokens = np.asarray(out.tokens)
-    keep = np.concatenate([valid, np.ones((len(valid), cfg.max_new_tokens), bool)], 1)
+    keep = np.concatenate([gen.prompt_valid, np.ones((len(tokens), tokens.shape[1] -
+                                                      gen.prompts.shape[1]), bool)], 1)
     keep &= tokens != tok.pad_id
     if _SHOW.value:
         show(tok, out, keep, _FPS.value)

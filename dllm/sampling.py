@@ -28,9 +28,16 @@ values of the rest of the canvas cached when the row entered the block
 (Fast-dLLM's dual cache; `cache_refresh` refreshes it more often, 1 = exactly).
 
     out = generate(params, prompts, rng, SampleConfig(alg="entropy"),
-                   apply_fn=train.model_apply(model), mask_id=tok.mask_id, eos_id=tok.eos_id,
+                   apply_fn=model_apply(model), mask_id=tok.mask_id, eos_id=tok.eos_id,
                    pad_id=tok.pad_id, valid=prompt_valid)
     out.tokens, out.order        # [B, P + N] each
+
+Text in, text out (what every caller uses: the end-of-training sample, the sample
+CLI, evaluation, GRPO rollouts, the analyses):
+
+    gen = generate_text(params, ["def fib(n):"], rng, cfg, apply_fn=run.apply_fn,
+                        tokenizer=run.tokenizer)
+    gen.texts                    # completions, cut at the first pad / EOS / <|im_end|>
 """
 from __future__ import annotations
 
@@ -381,7 +388,7 @@ def generate(params, prompts: Array, rng: Array, cfg: SampleConfig, *, apply_fn:
     the prompts (infilling). prompts: [B, P] int, left-padded where `valid` [B, P]
     bool is False (default all valid). apply_fn(params, tokens, valid, **kw) ->
     logits [B, S, V] (shifted as the model is trained; with cfg.cache it must take
-    `Transformer`'s cache/window_start/return_kv keywords, as `train.model_apply` does).
+    `Transformer`'s cache/window_start/return_kv keywords, as `model.model_apply` does).
     eos_id: None = no EOS handling; else a row stops once nothing before its first
     generated EOS is masked, and what follows is returned as pad_id (default eos_id).
     Returns Decoded: tokens and order [B, P + N] first. Jitted; cfg, apply_fn and
@@ -409,11 +416,46 @@ def encode_prompts(tok, texts, suffix: str = "", n: int = 0, multiple: int = 1):
     return prompts, valid
 
 
-def completion_texts(tok, tokens, prompt_len: int, stop_ids) -> list[str]:
-    """The generated text of each row of `tokens` [B, P + N] (after `prompt_len`), cut
-    at the first of `stop_ids` (pad, EOS, <|im_end|>, ...)."""
+def completion_texts(tok, tokens, start: int, stop_ids, end: int | None = None) -> list[str]:
+    """The generated text of each row of `tokens` [B, S]: positions start .. end - 1
+    (default: to the end), cut at the first of `stop_ids` (pad, EOS, <|im_end|>, ...)."""
     out = []
-    for row in np.asarray(tokens)[:, prompt_len:].tolist():
+    for row in np.asarray(tokens)[:, start:end].tolist():
         cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
         out.append(tok.decode(row[:cut]))
     return out
+
+
+class TextGeneration(NamedTuple):
+    texts: list[str]          # completions, cut at the first pad / EOS / <|im_end|>
+    prompts: np.ndarray       # [B, P] int32: the left-padded prompt ids
+    prompt_valid: np.ndarray  # [B, P] bool: False on the left padding
+    decoded: Decoded          # tokens [B, P + N] (completion ids: tokens[:, P:]), order, ...
+
+
+def stop_ids(tok) -> set[int]:
+    """Token ids a completion ends at: pad, EOS and the end of a chat turn."""
+    return {tok.pad_id, tok.eos_id, tok.im_end_id}
+
+
+def generate_text(params, texts, rng: Array, cfg: SampleConfig, *, apply_fn: Callable, tokenizer,
+                  chat: bool = False, suffix: str = "", multiple: int = 32) -> TextGeneration:
+    """Complete each text: the texts (each wrapped as a user turn in the chat template
+    with an open assistant turn when `chat`) are encoded into one left-padded batch
+    (width rounded up to `multiple`: fewer shapes, fewer compiles), decoded with `cfg`
+    (a row stops at its first EOS; pads after it) and cut at stop_ids per row.
+    With a `suffix`, cfg.max_new_tokens masks go between each text and the suffix
+    (infilling) and the completion is what fills them."""
+    if chat:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], True)
+                 for t in texts]
+    prompts, valid = encode_prompts(tokenizer, texts, suffix, cfg.max_new_tokens, multiple)
+    start, end = prompts.shape[1], None
+    if suffix:  # the hole is inside the canvas: nothing appended
+        end = start - len(tokenizer.encode(suffix))
+        start = end - cfg.max_new_tokens
+        cfg = dataclasses.replace(cfg, max_new_tokens=0)
+    out = generate(params, prompts, rng, cfg, apply_fn=apply_fn, mask_id=tokenizer.mask_id,
+                   pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id, valid=valid)
+    completions = completion_texts(tokenizer, out.tokens, start, stop_ids(tokenizer), end)
+    return TextGeneration(completions, prompts, valid, out)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-import runs
+import subprocess_runs as runs
 import tiny_config
 from dllm import checkpoint, model as model_lib, sharding, train
 

@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from dllm import config as config_lib
-from dllm import convert, model as model_lib, sharding, train
+from dllm import convert, model as model_lib, runs, sharding, train
 from dllm import tokenizer as tokenizer_lib
 
 torch = pytest.importorskip("torch")
@@ -126,7 +126,7 @@ def test_sharded_files_on_a_mesh_import_like_one_file(hf, imported, tmp_path):
     mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=2))
     model, params = convert.load_hf(str(tmp_path), dtype="float32", mesh=mesh)
     _assert_trees_equal(params, imported[1])
-    want = convert.param_shardings(model.cfg, mesh)
+    want = runs.param_shardings(model.cfg, mesh)
     jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(str(s)),
                  params, want)
 
@@ -193,9 +193,11 @@ def test_import_writes_a_run_directory(hf, roundtrip, imported):
     with open(os.path.join(workdir, "config.json")) as f:
         config = json.load(f)
     assert model_lib.config_from_dict(config["model"]) == imported[0].cfg
-    assert config["hf"]["architecture"] == "Qwen2ForCausalLM" and "mesh" in config
+    assert config["hf"]["architecture"] == "Qwen2ForCausalLM"
+    # No stage's data or training keys: a run that trains from it brings its own.
+    assert sorted(config) == ["hf", "model", "sample"]
     assert os.path.exists(os.path.join(workdir, "hf", "config.json"))
-    cfg, params = convert.restore_params(workdir)
+    cfg, params = runs.restore_params(workdir)
     assert cfg == imported[0].cfg
     _assert_trees_equal(params, imported[1])
     tok = tokenizer_lib.load_tokenizer(os.path.join(workdir, "tokenizer.json"))
@@ -203,9 +205,9 @@ def test_import_writes_a_run_directory(hf, roundtrip, imported):
 
 
 def test_imported_run_loads_with_load_run(roundtrip, imported):
-    _, model, params, tok = train.load_run(roundtrip[0])
-    assert model.cfg == imported[0].cfg and isinstance(tok, tokenizer_lib.HFTokenizer)
-    _assert_trees_equal(params, imported[1])
+    run = runs.load_run(roundtrip[0])
+    assert run.model.cfg == imported[0].cfg and isinstance(run.tokenizer, tokenizer_lib.HFTokenizer)
+    _assert_trees_equal(run.params, imported[1])
 
 
 @pytest.mark.slow  # a real (one-step) training run: ~20-40 s

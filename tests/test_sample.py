@@ -6,19 +6,16 @@ import sys
 import numpy as np
 import pytest
 
-from dllm import sample, sampling, train
-from test_train import tiny_run_config
+from dllm import runs, sample, sampling
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("run"))
-    train.train_and_evaluate(tiny_run_config(steps=2), workdir)
-    return workdir
+def run_dir(trained_run):
+    return trained_run
 
 
 def test_encode_prompts_left_pads_and_places_the_hole(run_dir):
-    tok = train.load_run(run_dir)[3]
+    tok = runs.load_tokenizer(run_dir)
     prompts, valid = sampling.encode_prompts(tok, ["def f(x):", "x"], "    return y", 3)
     a, b = tok.encode("def f(x):"), tok.encode("x")
     hole = [tok.mask_id] * 3 + tok.encode("    return y")

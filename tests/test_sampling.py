@@ -9,7 +9,7 @@ import pytest
 
 from dllm import model as M
 from dllm import sampling as S
-from dllm.train import model_apply
+from dllm.model import model_apply
 
 VOCAB = 64
 MASK, PAD, EOS = 63, 62, 61
@@ -334,3 +334,51 @@ def test_sample_config_from_dict_rejects_unknown_keys():
         S.SampleConfig(alg="confidence")
     with pytest.raises(ValueError, match="block_length"):
         S.SampleConfig(cache=True)
+
+
+# ---- the text-level helper ----
+
+class _Vocab:
+    """A stand-in tokenizer over the test model's 64 ids: text = one character per id
+    (chr(48 + id)); MASK / PAD / EOS as above; <|im_end|> = 60."""
+    vocab_size, mask_id, pad_id, eos_id, im_end_id = VOCAB, MASK, PAD, EOS, 60
+
+    def encode(self, text):
+        return [ord(c) - 48 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(48 + i) for i in ids)
+
+    def apply_chat_template(self, messages, add_generation_prompt):
+        return "<" + messages[-1]["content"] + ">" + ("!" if add_generation_prompt else "")
+
+
+def test_generate_text_cuts_each_row_at_its_own_stop(params):
+    tok, cfg = _Vocab(), S.SampleConfig(max_new_tokens=N, steps=N, temperature=1.0)
+    texts = ["123", "45678"]
+    gen = S.generate_text(params, texts, jax.random.key(5), cfg, apply_fn=APPLY, tokenizer=tok,
+                          multiple=8)
+    assert gen.prompts.shape == (2, 8) and gen.prompt_valid.sum(1).tolist() == [3, 5]
+    tokens = np.asarray(gen.decoded.tokens)
+    for row, text in zip(tokens, gen.texts):       # by hand: ids after the prompt, to a stop
+        ids = row[8:].tolist()
+        stops = [i for i, t in enumerate(ids) if t in (PAD, EOS, 60)]
+        assert text == "".join(chr(48 + t) for t in ids[:stops[0] if stops else None])
+        if EOS in ids:                                # the sampler got the EOS id: pads after it
+            assert all(t == PAD for t in ids[ids.index(EOS) + 1:])
+    chat = S.generate_text(params, ["12"], jax.random.key(5), cfg, apply_fn=APPLY,
+                           tokenizer=tok, chat=True, multiple=1)
+    assert tok.decode(chat.prompts[0].tolist()) == "<12>!"
+
+
+def test_generate_text_infills_between_text_and_suffix(params):
+    tok, cfg = _Vocab(), S.SampleConfig(max_new_tokens=4, steps=4)
+    gen = S.generate_text(params, ["12", "3"], jax.random.key(0), cfg, apply_fn=APPLY,
+                          tokenizer=tok, suffix="99", multiple=1)
+    tokens = np.asarray(gen.decoded.tokens)
+    assert tokens.shape == (2, 8)                     # nothing appended: the hole is inside
+    np.testing.assert_array_equal(tokens[:, -2:], [[9, 9], [9, 9]])
+    for row, text in zip(tokens, gen.texts):
+        hole = row[2:6].tolist()
+        stops = [i for i, t in enumerate(hole) if t in (PAD, EOS, 60)]
+        assert text == tok.decode(hole[:stops[0] if stops else None])

@@ -1,0 +1,83 @@
+"""The run directory: config, the one tokenizer rule, params restored into shardings."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dllm import checkpoint, model as model_lib, runs, sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_load_run_restores_the_saved_params(trained_run):
+    run = runs.load_run(trained_run)
+    assert run.config.train.steps == 2 and run.tokenizer.vocab_size <= run.config.model.vocab_size
+    # Independently: the checkpoint's arrays as orbax stored them, on one device.
+    ckpt = checkpoint.Checkpointer(os.path.join(trained_run, "checkpoints"), 1, None)
+    meta = ckpt.manager.item_metadata(2)["state"]["params"]
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    saved = ckpt.restore_params(jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta))
+    ckpt.close()
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(run.params),
+                 jax.device_get(saved))
+    logits = run.apply_fn(run.params, jnp.zeros((1, 8), jnp.int32))
+    assert logits.shape == (1, 8, run.config.model.vocab_size)
+    assert run.apply_fn is run.apply_fn   # one object per run: jitted callers do not recompile
+
+
+def test_params_are_fsdp_sharded_not_replicated(trained_run):
+    assert len(jax.devices()) == 8
+    run = runs.load_run(trained_run)
+    embedding = run.params["embed"]["embedding"]      # [vocab, embed]: embed over fsdp
+    assert run.mesh.shape["fsdp"] == 8
+    assert embedding.sharding.spec[1] == "fsdp"
+    shard = embedding.addressable_shards[0].data
+    assert shard.shape == (embedding.shape[0], embedding.shape[1] // 8)
+
+
+def test_one_tokenizer_rule(trained_run, tmp_path):
+    assert runs.tokenizer_path(trained_run).endswith("tokenizer.model")
+    both = tmp_path / "both"
+    both.mkdir()
+    shutil.copy(runs.tokenizer_path(trained_run), both / "tokenizer.model")
+    (both / "tokenizer.json").write_text("{}")
+    assert runs.tokenizer_path(str(both)) == str(both / "tokenizer.json")
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer"):
+        runs.tokenizer_path(str(tmp_path))
+
+
+def test_missing_run_names_the_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a run directory: no config.json"):
+        runs.load_run(str(tmp_path / "nowhere"))
+
+
+def test_config_round_trips(tmp_path):
+    from dllm import config as config_lib
+    config = config_lib.base_config()
+    runs.write_config(config, str(tmp_path))
+    as_json = json.loads(json.dumps(config.to_dict()))     # tuples become lists
+    assert runs.read_config(str(tmp_path)).to_dict() == as_json
+
+
+def test_param_shardings_follow_the_logical_rules():
+    cfg = model_lib.ModelConfig(**model_lib.PRESETS["tiny"])
+    mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=2))
+    shardings = runs.param_shardings(cfg, mesh)
+    P = jax.sharding.PartitionSpec
+    assert shardings["layers"]["mlp"]["up"]["kernel"].spec == P(None, "fsdp", "tensor")
+    assert shardings["layers"]["attn"]["q"]["kernel"].spec == P(None, "fsdp", "tensor", None)
+
+
+def test_readers_do_not_import_the_trainer():
+    code = ("import sys, dllm.sample, dllm.evaluate, dllm.runs, dllm.sampling; "
+            "assert 'dllm.train' not in sys.modules, 'dllm.train imported'")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
