@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-import runs
+import subprocess_runs as runs
 from dllm import corpus, data, prepare, tasks
 from dllm import tokenizer as tokenizer_lib
 
