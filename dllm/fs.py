@@ -1,6 +1,7 @@
 """Files on local paths and object stores (gs://) alike: what a run directory needs
 (open, exists, makedirs, listdir, copy, remove, whole-file reads and writes) and the
-package's one JSONL reader. Errors name the file and line.
+package's one JSONL reader (task suites, samples, corpora, SFT pairs; `dllm.prepare`
+parses line by line with `parse_jsonl_line`). Errors name the file and line.
 
 Object stores go through `etils.epath` (what orbax uses too): gs:// needs `gcsfs`
 installed (or TensorFlow, which epath then prefers). An object is written whole and
@@ -12,6 +13,7 @@ one); opened with "a", it starts from the existing object. Local writes through
 from __future__ import annotations
 
 import builtins
+import contextlib
 import gzip
 import json
 import os
@@ -141,23 +143,39 @@ def decode_utf8(data: bytes, where: str, first_line: int = 1) -> str:
         raise ValueError(f"{where}:{line}: not valid UTF-8 ({e.reason})") from None
 
 
+def parse_jsonl_line(raw: bytes, path: str, lineno: int) -> dict | None:
+    """The JSON object on one line of a .jsonl file (None for a blank line). Bad UTF-8,
+    malformed JSON or a value that is not an object raises ValueError naming file and line."""
+    line = decode_utf8(raw, path, lineno)
+    if not line.strip():
+        return None
+    where = f"{path}:{lineno}"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+@contextlib.contextmanager
+def open_lines(path: str) -> Iterator[IO[bytes]]:
+    """Within: a binary file object over a .jsonl or .jsonl.gz file, local or remote
+    (a missing one raises)."""
+    if not exists(path) or isdir(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    with open(path, "rb") as raw:
+        with gzip.open(raw) if path.endswith(".gz") else contextlib.nullcontext(raw) as f:
+            yield f
+
+
 def read_jsonl(path: str) -> Iterator[tuple[str, dict]]:
     """(where, record) for each non-blank line of a .jsonl or .jsonl.gz file, where
     `where` is "path:line" and record a JSON object. A missing file, bad UTF-8,
     malformed JSON or a line that is not an object raises naming file and line."""
-    if not exists(path) or isdir(path):
-        raise FileNotFoundError(f"no such file: {path}")
-    with open(path, "rb") as raw_file:
-        f = gzip.open(raw_file) if path.endswith(".gz") else raw_file
+    with open_lines(path) as f:
         for lineno, raw in enumerate(f, 1):
-            line = decode_utf8(raw, path, lineno)
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield where, record
+            record = parse_jsonl_line(raw, path, lineno)
+            if record is not None:
+                yield f"{path}:{lineno}", record

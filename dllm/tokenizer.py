@@ -15,6 +15,7 @@ chat markers as single ids. `decode` drops nothing: special tokens are rendered 
 their names, so `decode(encode(text)) == text` for every string.
 """
 import abc
+import hashlib
 import json
 import os
 import tempfile
@@ -61,6 +62,15 @@ class Tokenizer(abc.ABC):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode` of each text (implementations may parallelise)."""
         return [self.encode(t) for t in texts]
+
+    @abc.abstractmethod
+    def to_file(self) -> tuple[str, bytes]:
+        """(file name, contents) that `load_tokenizer` reads back as this tokenizer:
+        "tokenizer.model" (sentencepiece) or "tokenizer.json" (Hugging Face)."""
+
+    def checksum(self) -> str:
+        """sha256 of `to_file()`'s contents: the tokenizer's identity (same ids)."""
+        return hashlib.sha256(self.to_file()[1]).hexdigest()
 
     @property
     def mask_id(self) -> int:
@@ -164,6 +174,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+    def to_file(self) -> tuple[str, bytes]:
+        return "tokenizer.model", self._sp.serialized_model_proto()
 
 
 def _chunks(texts: Iterable[str], chunk_chars: int, max_bytes: int) -> Iterable[str]:
@@ -292,6 +305,9 @@ class HFTokenizer(Tokenizer):
     def save(self, path: str):
         """Writes tokenizer.json (with any appended special tokens) to `path`."""
         fs.write_text(path, self._tok.to_str(pretty=True))
+
+    def to_file(self) -> tuple[str, bytes]:
+        return "tokenizer.json", self._tok.to_str().encode("utf-8")
 
 
 def load_tokenizer(path: str) -> Tokenizer:

@@ -43,16 +43,28 @@ class TrainState:
     extra: Any = None  # the stage's extra state (Stage.init_extra), e.g. a reference policy
 
 
+def decayed(params):
+    """Weight-decay mask: True on kernels and embeddings, False on biases and norm
+    scales (as the HF trainers of the reference recipes). By name, not rank: layer
+    params are stacked along a leading "layers" axis (works on boxed params too)."""
+    def by_name(path, _):
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return names[-1] not in ("bias", "scale")
+    return jax.tree_util.tree_map_with_path(by_name, params)
+
+
 def make_optimizer(train_cfg):
-    """AdamW with linear warmup and cosine decay to `min_lr_ratio` x peak, after
-    global-norm gradient clipping. Returns (tx, lr_schedule)."""
+    """AdamW (no decay on biases and norm scales) with linear warmup and cosine decay
+    to `min_lr_ratio` x peak, after global-norm gradient clipping. Returns
+    (tx, lr_schedule)."""
     lr = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=train_cfg.lr, warmup_steps=train_cfg.warmup_steps,
         decay_steps=max(train_cfg.steps, train_cfg.warmup_steps + 1),
         end_value=train_cfg.lr * train_cfg.min_lr_ratio)
     tx = optax.chain(
         optax.clip_by_global_norm(train_cfg.grad_clip),
-        optax.adamw(lr, b1=train_cfg.b1, b2=train_cfg.b2, weight_decay=train_cfg.weight_decay))
+        optax.adamw(lr, b1=train_cfg.b1, b2=train_cfg.b2, weight_decay=train_cfg.weight_decay,
+                    mask=decayed))
     return tx, lr
 
 

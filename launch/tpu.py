@@ -2,7 +2,8 @@
 
   python -m launch.tpu up --name=dllm-7b --project=P --zone=Z --accelerator=v5p-64 --spot \\
       --config=experiments/pretrain.py:7b --workdir=gs://BUCKET/runs/pretrain-7b \\
-      -- --config.init.checkpoint=gs://BUCKET/qwen2.5-coder-7b --config.data.path=...
+      -- --config.init.checkpoint=gs://BUCKET/qwen2.5-coder-7b \\
+         --config.data.mixture.code.path=gs://BUCKET/dllm/stage1/code ...
 
   create  request the slice as a queued resource (--spot, --reserved, or on demand);
           wait until it is ACTIVE

@@ -5,6 +5,7 @@ import math
 import os
 import shutil
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,29 @@ def optimizer_config(**kw):
     c = config_lib.base_config().train
     c.update(kw)
     return c
+
+
+def test_optimizer_decays_kernels_and_embeddings_but_not_biases_and_norm_scales():
+    """One AdamW step with zero gradients (Adam's own update is then 0): kernels and
+    embeddings shrink by the factor 1 - lr * weight_decay, biases and scales stay."""
+    cfg = model_lib.ModelConfig(vocab_size=V + 1, hidden=16, layers=2, heads=2, kv_heads=1,
+                                head_dim=8, mlp=32)
+    params = jax.eval_shape(model_lib.Transformer(cfg).init, jax.random.key(0),
+                            jnp.zeros((1, 8), jnp.int32))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32),
+                          nn.unbox(params["params"]))
+    tx, _ = train.make_optimizer(optimizer_config(steps=10, lr=0.1, warmup_steps=0,
+                                                  weight_decay=0.5))
+    zeros = jax.tree.map(np.zeros_like, params)
+    new = jax.jit(lambda p, g: optax.apply_updates(p, tx.update(g, tx.init(p), p)[0]))(
+        params, zeros)
+    new = flax.traverse_util.flatten_dict(new)
+    for path, old in flax.traverse_util.flatten_dict(params).items():
+        factor = 1.0 if path[-1] in ("bias", "scale") else 1.0 - 0.1 * 0.5
+        np.testing.assert_allclose(new[path], np.asarray(old) * factor, rtol=1e-6,
+                                   err_msg=str(path))
+    assert {path[-1] for path in new} == {"bias", "scale", "kernel", "embedding"}
 
 
 def test_tiny_mdm_learns_a_known_entropy():
