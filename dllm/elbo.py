@@ -192,10 +192,13 @@ def stage_loss(loss_cfg, apply_fn, mask_id: int):
 
 
 class DatasetBatches(BatchSource):
-    """A grain dataset's batches (they do not depend on the state)."""
+    """A grain dataset's batches (they do not depend on the state). With a mixture of
+    several sources, each source's realised share of the examples drawn so far is
+    logged as `data/<source>`."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset, mixture, global_batch: int):
         self.iterator = iter(dataset)
+        self.mixture, self.global_batch = mixture, global_batch
 
     def next(self, state) -> dict:
         del state
@@ -206,6 +209,12 @@ class DatasetBatches(BatchSource):
 
     def set_state(self, state: dict) -> None:
         self.iterator.set_state(state)
+
+    def metrics(self, step: int) -> dict:
+        if len(self.mixture.names) < 2:
+            return {}
+        shares = self.mixture.realised(step * self.global_batch)
+        return {f"data/{name}": share for name, share in shares.items()}
 
 
 def held_out_nelbo(eval_fn, params, dataset, mesh, rng: Array, max_batches: int) -> float:
@@ -228,7 +237,8 @@ def make_stage(ctx: StageContext) -> Stage:
                                 batch_size=ctx.local_batch_size, seed=config.seed,
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())
-    batches = DatasetBatches(make_ds(split="train"))
+    batches = DatasetBatches(make_ds(split="train"), data.mixture(config.data),
+                             config.train.batch_size)
     evaluate = None
     if config.train.eval_every:
         # Built now so that an unusable eval split fails before training, not after it.

@@ -173,6 +173,10 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
+class DataExhaustedError(RuntimeError):
+    pass
+
+
 def make_stage(config, workdir: str, model: nn.Module, tok, mesh, rules) -> Stage:
     """The stage `config.stage` names, built by its module's make_stage."""
     if config.stage not in STAGES:
@@ -236,11 +240,11 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     return state
 
 
-def _log_row(host: dict, stage: Stage, n_steps: int, dt: float, lr_now: float,
+def _log_row(step: int, host: dict, stage: Stage, n_steps: int, dt: float, lr_now: float,
              ceiling: float) -> dict:
     """The logged row: the stage's metrics (means over the interval), its batch
     source's host figures, the learning rate, and throughput when the stage gives it."""
-    row = {**host, **stage.batches.metrics(), "lr": lr_now}
+    row = {**host, **stage.batches.metrics(step), "lr": lr_now}
     if stage.tokens_per_step:
         row["tokens_per_s"] = stage.tokens_per_step * n_steps / dt
     if stage.flops_per_step:
@@ -264,8 +268,16 @@ def _loop(config, workdir, state, step_fn, stage: Stage, ckpt, lr, mesh):
                disable=jax.process_index() != 0)
     t_last, pending = time.perf_counter(), []   # device metrics since the last log
     for step in range(start + 1, tc.steps + 1):
-        state, step_metrics = step_fn(state, sharding.global_batch(stage.batches.next(state),
-                                                                   mesh))
+        try:
+            batch = stage.batches.next(state)
+        except StopIteration:  # finite data (a mixture's epochs): keep what was trained
+            ckpt.save(step - 1, state, stage.batches.get_state(), force=True)
+            ckpt.close()
+            raise DataExhaustedError(
+                f"the training data ran out before step {step} (config.data epochs); step "
+                f"{step - 1} is saved in {workdir}/checkpoints. Lower config.train.steps or "
+                "raise the epochs.") from None
+        state, step_metrics = step_fn(state, sharding.global_batch(batch, mesh))
         pending.append(step_metrics)
         bar.update(1)
         log_now = step % tc.log_every == 0 or step in (start + 1, tc.steps)
@@ -282,7 +294,7 @@ def _loop(config, workdir, state, step_fn, stage: Stage, ckpt, lr, mesh):
                 f"non-finite metrics at step {step}: {host}; stopping. The last good "
                 f"checkpoint (step {ckpt.latest_step()}) in {workdir}/checkpoints is intact.")
         if log_now or eval_now:
-            row = _log_row(host, stage, len(pending), time.perf_counter() - t_last,
+            row = _log_row(step, host, stage, len(pending), time.perf_counter() - t_last,
                            float(lr(step - 1)), ceiling)
             if eval_now:
                 row.update(evaluate(state))

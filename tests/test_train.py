@@ -217,10 +217,14 @@ def test_gradient_accumulation_equals_the_full_batch_gradient():
 class _ToyBatches(stage_lib.BatchSource):
     """Batches made from the state (as rollouts are): it records what it was given."""
 
+    limit = None   # a finite source: StopIteration after this many batches
+
     def __init__(self, tokens):
         self.tokens, self.calls, self.seen = tokens, 0, []
 
     def next(self, state):
+        if self.calls == self.limit:
+            raise StopIteration
         self.seen.append((int(state.step), jax.device_get(state.params["final_norm"]["scale"]),
                           jax.device_get(state.extra["ref"]["final_norm"]["scale"])))
         self.calls += 1
@@ -232,7 +236,8 @@ class _ToyBatches(stage_lib.BatchSource):
     def set_state(self, state):
         self.calls = state["calls"]
 
-    def metrics(self):
+    def metrics(self, step):
+        assert step == self.calls      # logged every step here
         return {"calls": float(self.calls)}
 
 
@@ -287,3 +292,14 @@ def test_a_stage_plugs_in_batches_from_the_state_extra_state_and_eval(monkeypatc
     (step, params, restored_ref), = stage["s"].batches.seen
     assert step == 4 and stage["s"].batches.calls == 5
     np.testing.assert_allclose(restored_ref, ref, rtol=1e-6)
+
+
+def test_data_running_out_saves_and_says_so(monkeypatch, tmp_path):
+    monkeypatch.setitem(train.STAGES, "toy", "test_train")
+    monkeypatch.setattr(_ToyBatches, "limit", 3)
+    config = tiny_run_config(steps=5)
+    config.stage = "toy"
+    config.model.update(hidden=32, layers=1, mlp=64)
+    with pytest.raises(train.DataExhaustedError, match="ran out before step 4.*step 3 is saved"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert os.listdir(tmp_path / "checkpoints") == ["3"]
