@@ -7,8 +7,8 @@
 
   create  request the slice as a queued resource (--spot, --reserved, or on demand);
           wait until it is ACTIVE
-  setup   copy this checkout to every worker (~/dllm) and install dllm, jax[tpu] and
-          gcsfs into a Python 3.12 virtual environment there (~/dllm-venv)
+  setup   copy this checkout to every worker (~/dllm) and install dllm with its `tpu`
+          extra (jax[tpu], gcsfs) into a Python 3.12 virtual environment there (~/dllm-venv)
   run     start `python -m dllm.main --config=... --workdir=... [-- overrides]` on every
           worker at once, in the background; each worker logs to ~/dllm.log
   logs    the last lines of a worker's log (--worker, --lines, --follow)
@@ -55,7 +55,7 @@ CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 SETUP_REMOTE = (
     "set -e; rm -rf ~/dllm ~/dllm-venv; mkdir -p ~/dllm; tar xzf ~/dllm.tar.gz -C ~/dllm; "
     "python3 -m pip install -q --user uv; ~/.local/bin/uv venv -q --python 3.12 ~/dllm-venv; "
-    "~/.local/bin/uv pip install -q --python ~/dllm-venv/bin/python -e ~/dllm 'jax[tpu]' gcsfs")
+    "~/.local/bin/uv pip install -q --python ~/dllm-venv/bin/python -e ~/dllm'[tpu]'")  # ~ unquoted: it expands
 RUNNING = '[ -f ~/dllm.pid ] && kill -0 "$(cat ~/dllm.pid)" 2>/dev/null'
 # One word (or "exited N") for the run on a worker: starting, running, stopped (by
 # `stop`), preempted (exited 0 after saving on a SIGTERM it did not get from `stop`).

@@ -60,7 +60,7 @@ def test_dry_run_argument_lists(shape, capsys):
     assert ssh[8:] == loc
     words = remote_words(ssh)
     install = words[words.index("pip"):]
-    assert install[:2] == ["pip", "install"] and install[-3:] == ["~/dllm", "jax[tpu]", "gcsfs"]
+    assert install[:2] == ["pip", "install"] and install[-2:] == ["-e", "~/dllm[tpu]"]
     assert "3.12" in words and "~/dllm.tar.gz" in words
 
     (run,) = dry_run(capsys, "run", *base, "--config=experiments/pretrain.py:7b",
