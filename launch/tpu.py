@@ -51,11 +51,11 @@ WORKER_ENV = {"PYTHONUNBUFFERED": "1"}   # logs line by line
 CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 
 # On each worker: code in ~/dllm, the environment in ~/dllm-venv, the run's log, pid,
-# exit status and stop mark in ~/dllm.{log,pid,exit,stopped}.
+# exit status and stop mark in ~/dllm.{log,pid,exit,stopped}. (~ stays unquoted to expand.)
 SETUP_REMOTE = (
     "set -e; rm -rf ~/dllm ~/dllm-venv; mkdir -p ~/dllm; tar xzf ~/dllm.tar.gz -C ~/dllm; "
     "python3 -m pip install -q --user uv; ~/.local/bin/uv venv -q --python 3.12 ~/dllm-venv; "
-    "~/.local/bin/uv pip install -q --python ~/dllm-venv/bin/python -e ~/dllm'[tpu]'")  # ~ unquoted: it expands
+    "~/.local/bin/uv pip install -q --python ~/dllm-venv/bin/python -e ~/dllm'[tpu]'")
 RUNNING = '[ -f ~/dllm.pid ] && kill -0 "$(cat ~/dllm.pid)" 2>/dev/null'
 # One word (or "exited N") for the run on a worker: starting, running, stopped (by
 # `stop`), preempted (exited 0 after saving on a SIGTERM it did not get from `stop`).
