@@ -16,6 +16,8 @@ import threading
 import jax
 import orbax.checkpoint as ocp
 
+from dllm import fs
+
 _SIGTERM = threading.Event()
 
 
@@ -42,7 +44,7 @@ class Checkpointer:
     def __init__(self, directory: str, every: int, keep: int):
         self.every = every
         self.manager = ocp.CheckpointManager(
-            os.path.abspath(directory),
+            directory if fs.is_remote(directory) else os.path.abspath(directory),
             # cleanup_tmp_directories: drop the partial step a kill -9 mid-save leaves.
             options=ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
                                                  create=True, cleanup_tmp_directories=True),

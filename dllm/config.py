@@ -9,10 +9,11 @@ Keys (scripts and docs rely on these names):
   data.*                dllm.data fields: source, path, seq_len, ... (see dllm/data.py)
   loss.*                dllm.elbo.ElboConfig fields: schedule, train_on_pad, anneal_steps, ...
   train.steps, batch_size (global), lr (peak), warmup_steps, min_lr_ratio (cosine floor
-        as a fraction of lr), weight_decay, b1, b2, grad_clip, log_every, eval_every
-        (0 = never; else also at step 0), eval_batches, eval_samples (MC samples of the
-        held-out NELBO), microbatches (gradient accumulation: the global batch is split
-        into this many slices, one in memory at a time; 1 = off)
+        as a fraction of lr), weight_decay (AdamW's; kernels and embeddings only, not
+        biases and norm scales, as HF's trainers), b1, b2, grad_clip, log_every,
+        eval_every (0 = never; else also at step 0), eval_batches, eval_samples (MC
+        samples of the held-out NELBO), microbatches (gradient accumulation: the global
+        batch is split into this many slices, one in memory at a time; 1 = off)
   checkpoint.every, keep
   mesh.data, fsdp, tensor    device-mesh sizes within a slice; one may be -1 (all
                         remaining devices)

@@ -9,7 +9,8 @@ the trainer.
 
 A run directory holds config.json, exactly one tokenizer (tokenizer.json for Hugging
 Face tokenizers, tokenizer.model for sentencepiece), checkpoints/<step>/, and what
-training writes beside them (metrics.jsonl, tensorboard/, samples).
+training writes beside them (metrics.jsonl, tensorboard/, samples). It may be local or
+on gs:// (its files go through dllm.fs, its checkpoints through orbax).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from dllm import checkpoint, model as model_lib, sharding
+from dllm import checkpoint, fs, model as model_lib, sharding
 from dllm import tokenizer as tokenizer_lib
 
 CONFIG_FILE = "config.json"
@@ -37,24 +38,23 @@ READ_MESH = dict(data=1, fsdp=-1, tensor=1)
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """workdir/config.json (process 0 writes)."""
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-            json.dump(config.to_dict(), f, indent=2, default=str)
+        fs.makedirs(workdir)
+        fs.write_text(os.path.join(workdir, CONFIG_FILE),
+                      json.dumps(config.to_dict(), indent=2, default=str))
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(path):
+    if not fs.exists(path):
         raise FileNotFoundError(f"{workdir!r} is not a run directory: no {CONFIG_FILE}")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(fs.read_text(path)))
 
 
 def tokenizer_path(workdir: str) -> str:
     """The run's tokenizer file: the first of TOKENIZER_FILES in it."""
     for name in TOKENIZER_FILES:
         path = os.path.join(workdir, name)
-        if os.path.exists(path):
+        if fs.exists(path):
             return path
     raise FileNotFoundError(f"run directory {workdir!r} holds no tokenizer "
                             f"({' or '.join(TOKENIZER_FILES)})")

@@ -14,7 +14,8 @@ masked position of the row's current block and commits some of them:
              grid linspace(1, eps, steps + 1); LLaDA: an even split), or Fast-dLLM's
              parallel rules (every position whose token probability exceeds
              `threshold`; or the largest n with (n + 1)(1 - c_n) < `factor`),
-             always at least one.
+             always at least one. A parallel rule also decides which: the k
+             positions with the most probable proposals, whatever `alg` ranks by.
 
 Blocks of `block_length` positions start at the row's first masked position; the
 current block is the one holding the leftmost masked position, and positions
@@ -77,7 +78,7 @@ class SampleConfig:
     alg_temp: float = 0.0       # > 0: positions sampled from softmax(confidence / alg_temp)
     block_length: int = 0       # semi-autoregressive blocks; 0 = one block
     # How many per step: none (the schedule) | threshold | factor (Fast-dLLM; `steps`
-    # and `schedule` are then unused).
+    # and `schedule` are then unused, and the token probability, not `alg`, picks which).
     parallel: str = "none"
     threshold: float = 0.9      # parallel=threshold: commit every token with prob > threshold
     factor: float = 1.0         # parallel=factor: commit the largest n with (n+1)(1-c_n) < factor
@@ -94,6 +95,9 @@ class SampleConfig:
         if self.alg == "origin" and (self.parallel != "none" or self.suppress_eos):
             raise ValueError("sample.alg='origin' reveals at random: it takes no "
                              "sample.parallel rule and no sample.suppress_eos")
+        if self.parallel != "none" and self.alg_temp > 0:
+            raise ValueError("sample.parallel commits the most probable proposals: it takes "
+                             "no sample.alg_temp")
         if self.cache and self.block_length <= 0:
             raise ValueError("sample.cache needs sample.block_length > 0")
 
@@ -342,7 +346,9 @@ def _step(st: _State, params, rng, cfg: SampleConfig, apply_fn, valid, generated
     eligible = at(masked) & (window < (start + block_length)[:, None]) & active[:, None]
     k = how_many(cfg, eligible, prob, j, steps_per_block)
     frac = reveal_fraction(j, steps_per_block, cfg.eps)
-    commit = select(cfg, confidence, eligible, k, frac, k_select)
+    # Fast-dLLM: a parallel rule counts and chooses by the proposal's probability.
+    rank_by = confidence if cfg.parallel == "none" else prob
+    commit = select(cfg, rank_by, eligible, k, frac, k_select)
 
     put = lambda x, new: update_rows(x, window_start, jnp.where(commit, new, at(x)))
     tokens = put(st.tokens, x0)

@@ -30,8 +30,10 @@ def get_schedule(name: str, exponent: float = 2.0, loglinear_eps: float = 1e-3) 
     if name == "linear":
         return Schedule(name, lambda t: 1.0 - t, lambda t: 1.0 / t)
     if name == "cosine":
+        # (pi/2) sin(x) / (1 - cos x) with x = pi t / 2, as (pi/2) / tan(x / 2) (1 - cos x
+        # = 2 sin^2(x/2)): no cancellation in float32 at small t.
         return Schedule(name, lambda t: jnp.cos(half_pi * t),
-                        lambda t: half_pi * jnp.sin(half_pi * t) / (1.0 - jnp.cos(half_pi * t)))
+                        lambda t: half_pi / jnp.tan(half_pi * t / 2))
     if name == "polynomial":
         n = exponent
         return Schedule(name, lambda t: 1.0 - t ** n, lambda t: n / t)

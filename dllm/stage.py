@@ -35,9 +35,10 @@ class BatchSource:
     def set_state(self, state: dict) -> None:
         raise NotImplementedError
 
-    def metrics(self) -> dict:
+    def metrics(self, step: int) -> dict:
         """Host-side figures (timings, rewards, ...) gathered since the last call;
-        merged into the next logged row."""
+        merged into the logged row of `step`."""
+        del step
         return {}
 
 

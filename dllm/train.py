@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import shutil
 import time
 from typing import Any
 
@@ -24,7 +23,8 @@ import optax
 from flax import struct
 from tqdm import tqdm
 
-from dllm import checkpoint, convert, data, metrics, model as model_lib, runs, sampling, sharding
+from dllm import checkpoint, convert, data, fs, metrics, model as model_lib, runs, sampling
+from dllm import sharding
 from dllm import tokenizer as tokenizer_lib
 from dllm.stage import Stage, StageContext
 
@@ -43,16 +43,28 @@ class TrainState:
     extra: Any = None  # the stage's extra state (Stage.init_extra), e.g. a reference policy
 
 
+def decayed(params):
+    """Weight-decay mask: True on kernels and embeddings, False on biases and norm
+    scales (as the HF trainers of the reference recipes). By name, not rank: layer
+    params are stacked along a leading "layers" axis (works on boxed params too)."""
+    def by_name(path, _):
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return names[-1] not in ("bias", "scale")
+    return jax.tree_util.tree_map_with_path(by_name, params)
+
+
 def make_optimizer(train_cfg):
-    """AdamW with linear warmup and cosine decay to `min_lr_ratio` x peak, after
-    global-norm gradient clipping. Returns (tx, lr_schedule)."""
+    """AdamW (no decay on biases and norm scales) with linear warmup and cosine decay
+    to `min_lr_ratio` x peak, after global-norm gradient clipping. Returns
+    (tx, lr_schedule)."""
     lr = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=train_cfg.lr, warmup_steps=train_cfg.warmup_steps,
         decay_steps=max(train_cfg.steps, train_cfg.warmup_steps + 1),
         end_value=train_cfg.lr * train_cfg.min_lr_ratio)
     tx = optax.chain(
         optax.clip_by_global_norm(train_cfg.grad_clip),
-        optax.adamw(lr, b1=train_cfg.b1, b2=train_cfg.b2, weight_decay=train_cfg.weight_decay))
+        optax.adamw(lr, b1=train_cfg.b1, b2=train_cfg.b2, weight_decay=train_cfg.weight_decay,
+                    mask=decayed))
     return tx, lr
 
 
@@ -151,13 +163,17 @@ def run_tokenizer(config, workdir: str):
     if not config.data.tokenizer and config.init.checkpoint:
         source = runs.tokenizer_path(config.init.checkpoint)
         target = os.path.join(workdir, os.path.basename(source))
-        if jax.process_index() == 0 and not os.path.exists(target):
-            shutil.copy(source, target)
+        if jax.process_index() == 0 and not fs.exists(target):
+            fs.copy(source, target)
         return tokenizer_lib.load_tokenizer(source)
     return data.get_tokenizer(config.data, workdir)
 
 
 class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+class DataExhaustedError(RuntimeError):
     pass
 
 
@@ -224,11 +240,11 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     return state
 
 
-def _log_row(host: dict, stage: Stage, n_steps: int, dt: float, lr_now: float,
+def _log_row(step: int, host: dict, stage: Stage, n_steps: int, dt: float, lr_now: float,
              ceiling: float) -> dict:
     """The logged row: the stage's metrics (means over the interval), its batch
     source's host figures, the learning rate, and throughput when the stage gives it."""
-    row = {**host, **stage.batches.metrics(), "lr": lr_now}
+    row = {**host, **stage.batches.metrics(step), "lr": lr_now}
     if stage.tokens_per_step:
         row["tokens_per_s"] = stage.tokens_per_step * n_steps / dt
     if stage.flops_per_step:
@@ -252,8 +268,16 @@ def _loop(config, workdir, state, step_fn, stage: Stage, ckpt, lr, mesh):
                disable=jax.process_index() != 0)
     t_last, pending = time.perf_counter(), []   # device metrics since the last log
     for step in range(start + 1, tc.steps + 1):
-        state, step_metrics = step_fn(state, sharding.global_batch(stage.batches.next(state),
-                                                                   mesh))
+        try:
+            batch = stage.batches.next(state)
+        except StopIteration:  # finite data (a mixture's epochs): keep what was trained
+            ckpt.save(step - 1, state, stage.batches.get_state(), force=True)
+            ckpt.close()
+            raise DataExhaustedError(
+                f"the training data ran out before step {step} (config.data epochs); step "
+                f"{step - 1} is saved in {workdir}/checkpoints. Lower config.train.steps or "
+                "raise the epochs.") from None
+        state, step_metrics = step_fn(state, sharding.global_batch(batch, mesh))
         pending.append(step_metrics)
         bar.update(1)
         log_now = step % tc.log_every == 0 or step in (start + 1, tc.steps)
@@ -270,7 +294,7 @@ def _loop(config, workdir, state, step_fn, stage: Stage, ckpt, lr, mesh):
                 f"non-finite metrics at step {step}: {host}; stopping. The last good "
                 f"checkpoint (step {ckpt.latest_step()}) in {workdir}/checkpoints is intact.")
         if log_now or eval_now:
-            row = _log_row(host, stage, len(pending), time.perf_counter() - t_last,
+            row = _log_row(step, host, stage, len(pending), time.perf_counter() - t_last,
                            float(lr(step - 1)), ceiling)
             if eval_now:
                 row.update(evaluate(state))
@@ -295,7 +319,6 @@ def print_sample(config, workdir: str, model, params, tok) -> str:
                                  sample_cfg, apply_fn=model_lib.model_apply(model), tokenizer=tok)
     text = out.texts[0]
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "sample.txt"), "w") as f:
-            f.write(config.sample.prompt + text)
+        fs.write_text(os.path.join(workdir, "sample.txt"), config.sample.prompt + text)
         print(f"--- sample ({sample_cfg.max_new_tokens} tokens) ---\n{config.sample.prompt}{text}")
     return text

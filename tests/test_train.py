@@ -5,6 +5,7 @@ import math
 import os
 import shutil
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,29 @@ def optimizer_config(**kw):
     c = config_lib.base_config().train
     c.update(kw)
     return c
+
+
+def test_optimizer_decays_kernels_and_embeddings_but_not_biases_and_norm_scales():
+    """One AdamW step with zero gradients (Adam's own update is then 0): kernels and
+    embeddings shrink by the factor 1 - lr * weight_decay, biases and scales stay."""
+    cfg = model_lib.ModelConfig(vocab_size=V + 1, hidden=16, layers=2, heads=2, kv_heads=1,
+                                head_dim=8, mlp=32)
+    params = jax.eval_shape(model_lib.Transformer(cfg).init, jax.random.key(0),
+                            jnp.zeros((1, 8), jnp.int32))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32),
+                          nn.unbox(params["params"]))
+    tx, _ = train.make_optimizer(optimizer_config(steps=10, lr=0.1, warmup_steps=0,
+                                                  weight_decay=0.5))
+    zeros = jax.tree.map(np.zeros_like, params)
+    new = jax.jit(lambda p, g: optax.apply_updates(p, tx.update(g, tx.init(p), p)[0]))(
+        params, zeros)
+    new = flax.traverse_util.flatten_dict(new)
+    for path, old in flax.traverse_util.flatten_dict(params).items():
+        factor = 1.0 if path[-1] in ("bias", "scale") else 1.0 - 0.1 * 0.5
+        np.testing.assert_allclose(new[path], np.asarray(old) * factor, rtol=1e-6,
+                                   err_msg=str(path))
+    assert {path[-1] for path in new} == {"bias", "scale", "kernel", "embedding"}
 
 
 def test_tiny_mdm_learns_a_known_entropy():
@@ -193,10 +217,14 @@ def test_gradient_accumulation_equals_the_full_batch_gradient():
 class _ToyBatches(stage_lib.BatchSource):
     """Batches made from the state (as rollouts are): it records what it was given."""
 
+    limit = None   # a finite source: StopIteration after this many batches
+
     def __init__(self, tokens):
         self.tokens, self.calls, self.seen = tokens, 0, []
 
     def next(self, state):
+        if self.calls == self.limit:
+            raise StopIteration
         self.seen.append((int(state.step), jax.device_get(state.params["final_norm"]["scale"]),
                           jax.device_get(state.extra["ref"]["final_norm"]["scale"])))
         self.calls += 1
@@ -208,7 +236,8 @@ class _ToyBatches(stage_lib.BatchSource):
     def set_state(self, state):
         self.calls = state["calls"]
 
-    def metrics(self):
+    def metrics(self, step):
+        assert step == self.calls      # logged every step here
         return {"calls": float(self.calls)}
 
 
@@ -263,3 +292,14 @@ def test_a_stage_plugs_in_batches_from_the_state_extra_state_and_eval(monkeypatc
     (step, params, restored_ref), = stage["s"].batches.seen
     assert step == 4 and stage["s"].batches.calls == 5
     np.testing.assert_allclose(restored_ref, ref, rtol=1e-6)
+
+
+def test_data_running_out_saves_and_says_so(monkeypatch, tmp_path):
+    monkeypatch.setitem(train.STAGES, "toy", "test_train")
+    monkeypatch.setattr(_ToyBatches, "limit", 3)
+    config = tiny_run_config(steps=5)
+    config.stage = "toy"
+    config.model.update(hidden=32, layers=1, mlp=64)
+    with pytest.raises(train.DataExhaustedError, match="ran out before step 4.*step 3 is saved"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert os.listdir(tmp_path / "checkpoints") == ["3"]
