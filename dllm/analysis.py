@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dllm import evaluate, runs, sampling
+from dllm import tasks as tasks_lib
 from dllm import tokenizer as tokenizer_lib
 
 # ----------------------------------------------------------------------------- AR-ness
@@ -171,7 +173,6 @@ def first_step_confidence(params, prompts, valid, *, apply_fn: Callable, mask_id
 def entropy_sink(run, texts: Sequence[str], length: int, *, batch_size: int = 16) -> dict:
     """first_step_confidence of `run` (runs.Run) after each text, in batches:
     {"neg_entropy", "top_logprob"}: [len(texts), length] each."""
-    from dllm import sampling
     parts = []
     for start in range(0, len(texts), batch_size):
         prompts, valid = sampling.encode_prompts(run.tokenizer, texts[start:start + batch_size],
@@ -186,7 +187,6 @@ def confidence_trace(run, texts: Sequence[str], cfg, rng) -> tuple[np.ndarray, n
     """Decode texts (one batch) with the sampler's trace on: (trace [T, B, N], the
     rule's confidence at each step and generated position, nan once committed;
     order [B, N])."""
-    from dllm import sampling
     out = sampling.generate_text(run.params, list(texts), rng, cfg, apply_fn=run.apply_fn,
                                  tokenizer=run.tokenizer, trace=True)
     p = out.prompts.shape[1]
@@ -214,22 +214,23 @@ class Decodes(NamedTuple):
     steps: np.ndarray      # [M] int: model calls per decoding
 
 
-def decode(run, texts: Sequence[str], cfg, rng, *, batch_size: int = 16,
-           chat: bool = False) -> Decodes:
+def _concat(parts: Sequence[Decodes]) -> Decodes:
+    return Decodes([t for d in parts for t in d.texts], np.concatenate([d.order for d in parts]),
+                   np.concatenate([d.steps for d in parts]))
+
+
+def decode(run, texts: Sequence[str], cfg, rng, *, batch_size: int = 16) -> Decodes:
     """Decode each text with `run` (runs.Run) and cfg (sampling.SampleConfig) in
     batches (batch i uses fold_in(rng, i)); the orders at the generated positions."""
-    from dllm import sampling
     parts = []
     for i, start in enumerate(range(0, len(texts), batch_size)):
         out = sampling.generate_text(run.params, list(texts[start:start + batch_size]),
                                      jax.random.fold_in(rng, i), cfg, apply_fn=run.apply_fn,
-                                     tokenizer=run.tokenizer, chat=chat)
+                                     tokenizer=run.tokenizer)
         p = out.prompts.shape[1]
         parts.append(Decodes(out.texts, np.asarray(out.decoded.order)[:, p:],
                              np.asarray(out.decoded.steps)))
-    return Decodes([t for d in parts for t in d.texts],
-                   np.concatenate([d.order for d in parts]),
-                   np.concatenate([d.steps for d in parts]))
+    return _concat(parts)
 
 
 def _chat_template(run):
@@ -241,7 +242,6 @@ def _chat_template(run):
 def task_prompts(run, tasks, style: str = "instruct") -> list[str]:
     """The model input of each task for `style` (dllm.tasks.build_prompt, with the run's
     chat template), as decode_tasks builds them."""
-    from dllm import tasks as tasks_lib
     return [tasks_lib.build_prompt(task, style, chat_template=_chat_template(run))
             for task in tasks]
 
@@ -252,7 +252,6 @@ def decode_tasks(run, tasks, cfg, *, n: int = 1, k: Sequence[int] = (1,),
     """n completions per task (prompts built by dllm.tasks for `style`), scored by
     evaluate.generate_and_evaluate; returns the decodes (in the report's sample order)
     and the report. evaluate_kwargs: timeout, workers, progress."""
-    from dllm import evaluate
     parts = []
 
     def sample_fn(prompts: list[str]) -> list[str]:
@@ -265,9 +264,7 @@ def decode_tasks(run, tasks, cfg, *, n: int = 1, k: Sequence[int] = (1,),
                                             chat_template=_chat_template(run),
                                             batch_size=batch_size,
                                             **evaluate_kwargs)
-    return Decodes([t for d in parts for t in d.texts],
-                   np.concatenate([d.order for d in parts]),
-                   np.concatenate([d.steps for d in parts])), report
+    return _concat(parts), report
 
 
 def summarize(decodes: Decodes, ks: Sequence[int], report: dict | None = None) -> dict:
@@ -302,7 +299,6 @@ def decoding_steps_sweep(points: Sequence[Checkpoint], tasks, cfg, *, ks: Sequen
     """pass@1 with steps = fraction x max_new_tokens for each point, and its relative
     drop from the first fraction's: 1 - pass@1 / pass@1(first) (the paper: after RL,
     halving the steps costs less). kw: decode_tasks' (n, k, seed, ...)."""
-    from dllm import runs
     rows = []
     for point in points:
         run, first = runs.load_run(point.workdir, point.step), None
@@ -322,7 +318,6 @@ def checkpoint_sweep(points: Sequence[Checkpoint], tasks, cfg, *, ks: Sequence[i
                      **kw) -> list[dict]:
     """AR-ness, tokens per call and pass@k of each point: training stages, checkpoints
     of one run, RL steps (an RL run is another run directory)."""
-    from dllm import runs
     rows = []
     for point in points:
         decodes, report = decode_tasks(runs.load_run(point.workdir, point.step), tasks, cfg,
@@ -544,7 +539,6 @@ def checkpoints(config) -> list[Checkpoint]:
 def run_analysis(config, workdir: str) -> list[str]:
     """The analysis config.analysis (experiments/analysis.py) of config.runs; writes its
     plots (PNG) and tables (CSV and markdown) to workdir and returns their paths."""
-    from dllm import runs, sampling, tasks as tasks_lib
     os.makedirs(workdir, exist_ok=True)
     cfg = sampling.sample_config_from_dict(config.sample)
     tasks = tasks_lib.load_tasks(config.tasks)[:config.limit or None]
@@ -577,7 +571,6 @@ def run_analysis(config, workdir: str) -> list[str]:
 def _entropy_sink_files(point: Checkpoint, tasks, cfg, config, out) -> list[str]:
     """entropy_sink.png / .csv / .md (first-step confidence per position, over the task
     prompts) and confidence_trace.png (the first prompt's decoding)."""
-    from dllm import runs
     run = runs.load_run(point.workdir, point.step)
     texts = task_prompts(run, tasks, point.style)
     conf = entropy_sink(run, texts, cfg.max_new_tokens, batch_size=config.batch_size)
