@@ -1,4 +1,6 @@
-"""The paper's analyses: python -m dllm.analyze --config=experiments/analysis.py:<variant> --workdir=OUT
+"""The paper's analyses of how the model decodes:
+
+    python -m dllm.analyze --config=experiments/analysis.py:<variant> --workdir=OUT
 
 Variants (experiments/analysis.py): arness, entropy_sink, temperature, decoding_steps,
 training_stages, each also as <variant>_7b. Writes PNG plots and CSV / markdown tables

@@ -81,7 +81,9 @@ def get_config(arg: str = "arness"):
     c.max_k = 10 if big else 6                 # AR-ness@k for k = 1..max_k
     c.temperatures = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2)
     c.fractions = (1.0, 0.5)                   # decoding_steps: steps / max_new_tokens
-    c.batch_size = 16
+    # Prompts per decoding batch; the entropy sink's forward holds [batch, length, vocab]
+    # float32 logits (8 x ~650 x 152064 at 7B: ~3 GB, twice).
+    c.batch_size = 8 if big else 16
     c.timeout = 3.0                            # seconds per test case
     sample = sampling.SampleConfig(alg="entropy", max_new_tokens=256 if big else 48,
                                    steps=256 if big else 48, top_p=0.95,
