@@ -44,6 +44,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from dllm import checkpoint as checkpoint_lib
+from dllm import cli
 from dllm import config as config_lib
 from dllm import model as model_lib
 from dllm import runs
@@ -550,4 +551,4 @@ def _main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(_main)
+    cli.run(_main)

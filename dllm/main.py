@@ -9,7 +9,7 @@ on each: TPU VMs (and SLURM, Open MPI) are detected; elsewhere add
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dllm import sharding, train
+from dllm import cli, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file and variant.",
                                           lock_config=True)
@@ -26,4 +26,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

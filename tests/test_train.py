@@ -242,7 +242,7 @@ class _ToyBatches(stage_lib.BatchSource):
 
 
 def make_stage(ctx):
-    """A stage for the test below (named "toy" in train.STAGES there): the ELBO loss on
+    """A stage for the test below (named "toy" in stage.STAGES there): the ELBO loss on
     fixed tokens, a reference policy mixed halfway towards the params every 2 steps."""
     tokens = np.random.default_rng(0).integers(0, 100, (8, 16)).astype(np.int32)
     mix = lambda ref, p: jax.tree.map(lambda r, q: 0.5 * r + 0.5 * q, ref, p)
@@ -256,7 +256,7 @@ def make_stage(ctx):
 
 
 def test_a_stage_plugs_in_batches_from_the_state_extra_state_and_eval(monkeypatch, tmp_path):
-    monkeypatch.setitem(train.STAGES, "toy", "test_train")
+    monkeypatch.setitem(stage_lib.STAGES, "toy", "test_train")
     config = tiny_run_config(steps=4)
     config.stage = "toy"
     config.train.update(eval_every=2, log_every=1)
@@ -295,7 +295,7 @@ def test_a_stage_plugs_in_batches_from_the_state_extra_state_and_eval(monkeypatc
 
 
 def test_data_running_out_saves_and_says_so(monkeypatch, tmp_path):
-    monkeypatch.setitem(train.STAGES, "toy", "test_train")
+    monkeypatch.setitem(stage_lib.STAGES, "toy", "test_train")
     monkeypatch.setattr(_ToyBatches, "limit", 3)
     config = tiny_run_config(steps=5)
     config.stage = "toy"
