@@ -34,6 +34,11 @@ class CheckpointError(RuntimeError):
     """No checkpoint step can be restored."""
 
 
+def stop_requested() -> bool:
+    """Whether SIGTERM or Ctrl-C arrived within `catch_stop_signals()` (one process)."""
+    return _STOP.is_set()
+
+
 def stop_reason() -> str:
     """How the last stop request came: "interrupted" (Ctrl-C) or "preempted"."""
     return "interrupted" if _INTERRUPTED.is_set() else "preempted"
@@ -178,7 +183,7 @@ class Checkpointer:
         a stop was requested within `catch_stop_signals()`. Call it at every step."""
         if jax.distributed.is_initialized():
             return self.manager.reached_preemption(step)
-        return _STOP.is_set()
+        return stop_requested()
 
     def close(self):
         self.manager.wait_until_finished()

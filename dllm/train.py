@@ -210,8 +210,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     against it (a mismatch leaves the run as it was); config.json is written once the
     state is restored or initialised. The run's lock is held throughout."""
     config_lib.validate(config)
+    runs.check_resume(config, workdir)
     with runs.lock(workdir):
-        runs.check_resume(config, workdir)
         return _train(config, workdir)
 
 
