@@ -20,6 +20,7 @@ import threading
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from jax.experimental import multihost_utils
 
 _STOP = threading.Event()          # a stop was requested (SIGTERM or the first Ctrl-C)
@@ -90,15 +91,22 @@ class Checkpointer:
         if read_only and not os.path.isdir(self.directory):
             raise FileNotFoundError(f"no checkpoints: {self.directory} does not exist")
         options = (ocp.CheckpointManagerOptions(read_only=True, create=False,
-                                                cleanup_tmp_directories=False)
+                                                cleanup_tmp_directories=False,
+                                                save_interval_steps=0)
                    if read_only else
                    # cleanup_tmp_directories: drop the partial step a kill -9 mid-save leaves.
                    ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
                                                 create=True, cleanup_tmp_directories=True))
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                           "data": ocp.JsonCheckpointHandler()})
+        verbosity = logging.get_verbosity()
+        if read_only:   # orbax warns that a read-only manager is read-only
+            logging.set_verbosity(logging.ERROR)
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options,
+                item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                               "data": ocp.JsonCheckpointHandler()})
+        finally:
+            logging.set_verbosity(verbosity)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
