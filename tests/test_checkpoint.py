@@ -132,6 +132,22 @@ def test_ctrl_c_saves_at_the_step_boundary_and_exits_cleanly(tiny_runs):
     _resume_and_compare(tiny_runs, "interrupted", saved)
 
 
+@pytest.mark.slow
+def test_ctrl_c_to_two_processes_stops_both_at_the_same_step(tiny_runs):
+    """Ctrl-C in a terminal reaches every process of the group: each hands it to JAX's
+    preemption service as a SIGTERM, and both save one step together and exit 0."""
+    procs = runs.launch_pair(tiny_runs, "pair_interrupted")
+    workdir = tiny_runs.workdir("pair_interrupted")
+    runs.wait_for(procs[0], workdir, "metrics.jsonl")
+    for p in procs:
+        p.send_signal(signal.SIGINT)
+    assert [runs.finish(p) for p in procs] == [0, 0], runs.read_logs(workdir)
+    saved = runs.checkpoint_steps(workdir)
+    assert len(saved) == 1 and saved[0] < tiny_config.get_config().train.steps
+    logs = [open(os.path.join(workdir, f"log.{i}.txt")).read() for i in range(2)]
+    assert all(f"interrupted: saved step {saved[0]} " in log for log in logs), logs
+
+
 _TWO_INTERRUPTS = """
 import os, signal, sys, time
 from dllm import checkpoint
