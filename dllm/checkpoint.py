@@ -62,7 +62,7 @@ def catch_stop_signals():
             sys.stderr.write("second interrupt: exiting without saving\n")
             os._exit(130)
         _INTERRUPTED.set()
-        sys.stderr.write("\ninterrupt: saving at the end of this step, then stopping "
+        sys.stderr.write("\ninterrupt: saving at the next step boundary, then stopping "
                          "(Ctrl-C again to exit at once without saving)\n")
         if distributed:
             os.kill(os.getpid(), signal.SIGTERM)

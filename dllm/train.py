@@ -208,10 +208,11 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
     Nothing is written before the config is validated and, in an existing run, checked
     against it (a mismatch leaves the run as it was); config.json is written once the
-    state is restored or initialised. The run's lock is held throughout."""
+    state is restored or initialised. The run's lock is held throughout, and a stop
+    request (SIGTERM, Ctrl-C) from then on saves at the next step boundary."""
     config_lib.validate(config)
     runs.check_resume(config, workdir)
-    with runs.lock(workdir):
+    with runs.lock(workdir), checkpoint.catch_stop_signals():
         return _train(config, workdir)
 
 
@@ -231,7 +232,7 @@ def _train(config, workdir: str) -> TrainState:
     state, state_sh = _start_state(config, model, tx, mesh, rules, stage, ckpt)
     runs.write_config(config, workdir)
 
-    with sharding.activate(mesh, rules), checkpoint.catch_stop_signals():
+    with sharding.activate(mesh, rules):
         step_fn = jit_train_step(make_train_step(stage.loss_fn, tx, config.train.microbatches,
                                                  stage.update_extra), state_sh, mesh)
         state = _loop(config, workdir, state, step_fn, stage, ckpt, lr, mesh)

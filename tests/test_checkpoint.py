@@ -169,7 +169,7 @@ def test_a_second_ctrl_c_exits_at_once():
                           env={**os.environ, "PYTHONPATH": runs.ROOT})
     assert done.returncode == 130, done.stderr
     assert done.stdout == "stop requested: True\n"
-    assert "saving at the end of this step" in done.stderr
+    assert "saving at the next step boundary" in done.stderr
     assert done.stderr.strip().endswith("second interrupt: exiting without saving")
     assert "Traceback" not in done.stderr
 
