@@ -23,6 +23,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from dllm import fs
+
 _STOP = threading.Event()          # a stop was requested (SIGTERM or the first Ctrl-C)
 _INTERRUPTED = threading.Event()   # ... by Ctrl-C: a second one exits at once
 
@@ -87,8 +89,8 @@ class Checkpointer:
 
     def __init__(self, directory: str, every: int, keep: int | None, read_only: bool = False):
         self.every = every
-        self.directory = os.path.abspath(directory)
-        if read_only and not os.path.isdir(self.directory):
+        self.directory = directory if fs.is_remote(directory) else os.path.abspath(directory)
+        if read_only and not fs.isdir(self.directory):
             raise FileNotFoundError(f"no checkpoints: {self.directory} does not exist")
         options = (ocp.CheckpointManagerOptions(read_only=True, create=False,
                                                 cleanup_tmp_directories=False,
@@ -151,7 +153,7 @@ class Checkpointer:
         if jax.process_index() == 0:
             for step in steps:
                 path = os.path.join(self.directory, str(step))
-                os.replace(path, f"{path}.unreadable")
+                fs.rename(path, f"{path}.unreadable")
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("dllm checkpoint: unreadable steps moved")
         self.manager.reload()

@@ -39,7 +39,7 @@ import os
 import jax
 import ml_collections
 
-from dllm import data, elbo, model, sampling, sharding
+from dllm import data, elbo, fs, model, sampling, sharding
 from dllm.stage import STAGES
 
 
@@ -113,5 +113,5 @@ def _check_init(init) -> None:
         raise ValueError("init.checkpoint and init.hf_dir are both set; set one")
     for key, what in (("checkpoint", "a run directory"),
                       ("hf_dir", "a Hugging Face model directory")):
-        if init[key] and not os.path.isfile(os.path.join(init[key], "config.json")):
+        if init[key] and not fs.exists(os.path.join(init[key], "config.json")):
             raise FileNotFoundError(f"init.{key}={init[key]!r} is not {what} (no config.json)")

@@ -102,7 +102,7 @@ def validate_config(data_cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"data.eval_fraction={data_cfg.eval_fraction}; must be in [0, 1)")
     if data_cfg.max_documents < 0:
         raise ValueError(f"data.max_documents={data_cfg.max_documents}; must be >= 0 (0 = all)")
-    if data_cfg.tokenizer and not os.path.exists(data_cfg.tokenizer):
+    if data_cfg.tokenizer and not fs.exists(data_cfg.tokenizer):
         raise FileNotFoundError(f"data.tokenizer={data_cfg.tokenizer!r}: no such file or "
                                 "directory")
     if data_cfg.source == "prepared":
@@ -131,25 +131,22 @@ def stdlib_files(patterns: str = "") -> list[str]:
 
 
 def resolve_paths(path: str) -> list[str]:
-    """The files named by `path` (a file, a directory searched recursively, or a glob),
-    sorted."""
-    if os.path.isfile(path):
+    """The files named by `path` (a file, a directory searched recursively, or a glob;
+    on gs://, an object or the objects directly under a prefix), sorted."""
+    if fs.is_remote(path) and fs.isdir(path):
+        found = [p for p in (os.path.join(path, n) for n in fs.listdir(path)) if not fs.isdir(p)]
+    elif fs.is_remote(path):
+        found = [path] if fs.exists(path) else []
+    elif os.path.isfile(path):
         return [path]
-    if os.path.isdir(path):
-        found = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+    elif os.path.isdir(path):
+        found = [os.path.join(d, f) for d, _, files in os.walk(path) for f in files]
     else:
         found = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
     if not found:
         raise FileNotFoundError(f"data path {path!r}: no such file, directory or glob match "
                                 "(or no files in it)")
     return sorted(found)
-
-
-def read_text(path: str) -> str:
-    """A file's text. Bytes, then decode: no newline translation, so "\r\n" stays as it
-    is on disk; bad UTF-8 raises naming the file and line."""
-    with open(path, "rb") as f:
-        return fs.decode_utf8(f.read(), path)
 
 
 def record_fields(record: dict, where: str, fields: Sequence[str]) -> tuple[str, ...]:
@@ -188,7 +185,7 @@ def _fixed_order(items: list) -> list:
 def _stdlib_documents(patterns: str) -> Iterator[str]:
     for path in _fixed_order(stdlib_files(patterns)):
         try:
-            yield read_text(path)
+            yield fs.read_text(path)
         except ValueError:  # test data that is deliberately latin-1, koi8-r, ...
             continue
 
@@ -203,7 +200,7 @@ def load_documents(data_cfg: ml_collections.ConfigDict) -> list[str]:
         where = f"stdlib {sysconfig.get_paths()['stdlib']!r} (path {data_cfg.path!r})"
     elif data_cfg.source == "text":
         paths = _fixed_order(resolve_paths(data_cfg.path))
-        docs, where = map(read_text, paths), repr(data_cfg.path)
+        docs, where = map(fs.read_text, paths), repr(data_cfg.path)
     elif data_cfg.source == "jsonl":
         field = data_cfg.text_field
         rows = [record_fields(record, where, [field])[0]
@@ -263,7 +260,7 @@ def get_tokenizer(data_cfg: ml_collections.ConfigDict, workdir: str) -> tokenize
     if data_cfg.tokenizer:
         return tokenizer_lib.load_tokenizer(data_cfg.tokenizer)
     path = os.path.join(workdir, "tokenizer.model")
-    if os.path.exists(path):
+    if fs.exists(path):
         return tokenizer_lib.load_tokenizer(path)
     texts = _split(data_cfg, "train")
     if data_cfg.source == "sft":
@@ -359,13 +356,11 @@ def _prepared_tokenizer(data_cfg: ml_collections.ConfigDict,
         tok = tokenizer_lib.load_tokenizer(data_cfg.tokenizer)
     else:
         path = os.path.join(workdir, metadata[0]["file"])
-        if not os.path.exists(path):
+        if not fs.exists(path):
             source = corpus_lib.kvstore_url(_mixture_sources(data_cfg)[0][1])
             contents = corpus_lib.read_bytes(source, metadata[0]["file"])
-            os.makedirs(workdir, exist_ok=True)
-            with open(path + ".tmp", "wb") as f:
-                f.write(contents)
-            os.replace(path + ".tmp", path)
+            fs.makedirs(workdir)
+            fs.write_bytes(path, contents)
         tok = tokenizer_lib.load_tokenizer(path)
     _check_tokenizer(tok, metadata[0], data_cfg.tokenizer or "the corpus's tokenizer")
     return tok

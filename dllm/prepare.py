@@ -95,7 +95,7 @@ def _document(source: str, where: str, payload, text_field: str):
     """A record's document: text, (prompt messages, response) for "sft", or None for a
     blank jsonl line. Unreadable records raise ValueError naming `where`."""
     if source in ("stdlib", "text"):
-        return data.read_text(payload)
+        return fs.read_text(payload)
     path, lineno = where.rsplit(":", 1)
     record = fs.parse_jsonl_line(payload, path, int(lineno))
     if record is None:

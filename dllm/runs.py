@@ -9,9 +9,10 @@ the trainer.
 
 A run directory holds config.json, exactly one tokenizer (tokenizer.json for Hugging
 Face tokenizers, tokenizer.model for sentencepiece), checkpoints/<step>/, and what
-training writes beside them (metrics.jsonl, tensorboard/, samples, .lock). Readers
-never create, clean or delete anything in it and see only committed checkpoints, so
-they are safe while the run trains; a trainer holds `lock(workdir)`.
+training writes beside them (metrics.jsonl, tensorboard/, samples, .lock). It may be
+local or on gs:// (its files go through dllm.fs, its checkpoints through orbax).
+Readers never create, clean or delete anything in it and see only committed
+checkpoints, so they are safe while the run trains; a trainer holds `lock(workdir)`.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import ml_collections
 from absl import logging
 from jax.sharding import Mesh
 
-from dllm import checkpoint, model as model_lib, sharding
+from dllm import checkpoint, fs, model as model_lib, sharding
 from dllm import tokenizer as tokenizer_lib
 
 CONFIG_FILE = "config.json"
@@ -44,22 +45,18 @@ READ_MESH = dict(data=1, fsdp=-1, tensor=1)
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """workdir/config.json (process 0 writes; atomically, so a reader never sees half)."""
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        path = os.path.join(workdir, CONFIG_FILE)
-        with open(path + ".tmp", "w") as f:
-            json.dump(config.to_dict(), f, indent=2, default=str)
-        os.replace(path + ".tmp", path)
+        fs.makedirs(workdir)
+        fs.write_text(os.path.join(workdir, CONFIG_FILE),
+                      json.dumps(config.to_dict(), indent=2, default=str))
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(path):
+    if not fs.exists(path):
         raise FileNotFoundError(f"{workdir!r} is not a run directory: no {CONFIG_FILE}")
-    with open(path, "rb") as f:
-        raw = f.read()
     try:
-        return ml_collections.ConfigDict(json.loads(raw.decode("utf-8")))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return ml_collections.ConfigDict(json.loads(fs.read_text(path)))
+    except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not a JSON config ({e})") from None
 
 
@@ -71,7 +68,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Before a run writes anything into an existing run directory: raises ValueError
     if `config` cannot continue the run whose checkpoints are there (another stage, or
     model keys that change what a checkpoint holds), naming each differing key."""
-    if not (os.path.isfile(os.path.join(workdir, CONFIG_FILE)) and _has_steps(workdir)):
+    if not (fs.exists(os.path.join(workdir, CONFIG_FILE)) and _has_steps(workdir)):
         return
     saved = read_config(workdir)
     if "train" not in saved:
@@ -91,7 +88,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def _has_steps(workdir: str) -> bool:
     directory = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+    return fs.isdir(directory) and any(name.isdigit() for name in fs.listdir(directory))
 
 
 class RunLockedError(RuntimeError):
@@ -103,9 +100,13 @@ def lock(workdir: str):
     """Within: this process holds workdir/.lock, an exclusive flock whose file names the
     owner (host, pid), so a second trainer in the same run stops at once naming it. The
     kernel releases the lock when its process ends, however it ends: a killed run
-    leaves no stale lock. Process 0 takes it for all the processes of its run. On a file
-    system without flock (some FUSE mounts) a warning says the run is unguarded."""
+    leaves no stale lock. Process 0 takes it for all the processes of its run. On gs://
+    or a file system without flock (some FUSE mounts) a warning says the run is unguarded."""
     if jax.process_index() != 0:
+        yield
+        return
+    if fs.is_remote(workdir):
+        logging.warning("%s is on an object store: no lock stops a second trainer", workdir)
         yield
         return
     os.makedirs(workdir, exist_ok=True)
@@ -131,7 +132,7 @@ def tokenizer_path(workdir: str) -> str:
     """The run's tokenizer file: the first of TOKENIZER_FILES in it."""
     for name in TOKENIZER_FILES:
         path = os.path.join(workdir, name)
-        if os.path.exists(path):
+        if fs.exists(path):
             return path
     raise FileNotFoundError(f"run directory {workdir!r} holds no tokenizer "
                             f"({' or '.join(TOKENIZER_FILES)})")
@@ -150,11 +151,8 @@ def save_tokenizer(tok: tokenizer_lib.Tokenizer, workdir: str, source: str) -> N
         existing = tokenizer_path(workdir)
     except FileNotFoundError:
         if jax.process_index() == 0:
-            os.makedirs(workdir, exist_ok=True)
-            path = os.path.join(workdir, name)
-            with open(path + ".tmp", "wb") as f:
-                f.write(contents)
-            os.replace(path + ".tmp", path)
+            fs.makedirs(workdir)
+            fs.write_bytes(os.path.join(workdir, name), contents)
         return
     if tokenizer_lib.load_tokenizer(existing).checksum() != tok.checksum():
         raise ValueError(f"{existing} is not the tokenizer this config uses ({source}): the "

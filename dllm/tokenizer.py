@@ -18,7 +18,7 @@ import abc
 import hashlib
 import json
 import os
-import uuid
+import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -26,6 +26,8 @@ import sentencepiece as spm
 import tokenizers
 from sentencepiece import sentencepiece_model_pb2 as sp_model
 from tokenizers import decoders, normalizers, pre_tokenizers
+
+from dllm import fs
 
 MASK = "<|mask|>"
 PAD = "<|dlm_pad|>"
@@ -139,10 +141,10 @@ class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece model (.model file) with byte fallback and the special tokens."""
 
     def __init__(self, path: str):
-        if not os.path.isfile(path):
+        if not fs.exists(path) or fs.isdir(path):
             raise FileNotFoundError(f"tokenizer {path!r}: no such file")
         self.path = path
-        self._sp = spm.SentencePieceProcessor(model_file=path)
+        self._sp = spm.SentencePieceProcessor(model_proto=fs.read_bytes(path))
         self._meta_ids = [self._byte_id(b) for b in _SPACE_META.encode("utf-8")]
         missing = [name for name in SPECIAL_TOKENS if not self._is_token(name)]
         if missing:
@@ -237,8 +239,9 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_path: str, *,
     are read (about 1 s at vocab 4096 on two cores): pass them in a shuffled order. The
     vocabulary may come out smaller than `vocab_size` on a small corpus.
 
-    The file is written atomically (temporary name, then rename), so a run that is killed
-    mid-training never leaves a half-written model behind for a resume to pick up.
+    The model is trained in a temporary directory and written atomically (dllm.fs; local
+    or gs://), so a run that is killed mid-training never leaves a half-written model
+    behind for a resume to pick up.
     """
     if not out_path.endswith(".model"):
         raise ValueError(f"out_path {out_path!r} must end in .model")
@@ -246,9 +249,9 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_path: str, *,
     sentences = list(_chunks(texts, chunk_chars=4096, max_bytes=max_bytes))
     if not sentences:
         raise ValueError(f"cannot train tokenizer {out_path!r}: the corpus is empty")
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    prefix = f"{out_path[:-len('.model')]}.tmp{uuid.uuid4().hex}"  # unique per process
-    spm.SentencePieceTrainer.train(
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = os.path.join(tmp, "spm")
+        spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sentences), model_prefix=prefix, model_type="bpe",
             vocab_size=vocab_size, hard_vocab_limit=False, byte_fallback=True,
             character_coverage=1.0, normalization_rule_name="identity", add_dummy_prefix=False,
@@ -257,8 +260,8 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_path: str, *,
             split_by_whitespace=False, max_sentence_length=1 << 16,
             user_defined_symbols=list(SPECIAL_TOKENS), unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
             num_threads=os.cpu_count() or 1, minloglevel=2)
-    os.replace(prefix + ".model", out_path)
-    os.remove(prefix + ".vocab")
+        fs.makedirs(os.path.dirname(out_path) or ".")
+        fs.copy(prefix + ".model", out_path)
     return SentencePieceTokenizer(out_path)
 
 
@@ -306,9 +309,9 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, path: str):
         self.path = path
-        json_path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-        if os.path.isfile(json_path):
-            self._tok = tokenizers.Tokenizer.from_file(json_path)
+        json_path = os.path.join(path, "tokenizer.json") if fs.isdir(path) else path
+        if fs.exists(json_path):
+            self._tok = tokenizers.Tokenizer.from_str(fs.read_text(json_path))
         elif os.path.isfile(os.path.join(path, "vocab.json")):
             self._tok = _qwen2_from_vocab_merges(path)
         else:
@@ -340,7 +343,7 @@ class HFTokenizer(Tokenizer):
 
     def save(self, path: str):
         """Writes tokenizer.json (with any appended special tokens) to `path`."""
-        self._tok.save(path)
+        fs.write_text(path, self._tok.to_str(pretty=True))
 
     def to_file(self) -> tuple[str, bytes]:
         return "tokenizer.json", self._tok.to_str().encode("utf-8")
@@ -354,7 +357,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     Face model directory (HFTokenizer)."""
     if path.endswith(".model"):
         return SentencePieceTokenizer(path)
-    if path.endswith(".json") or os.path.isdir(path):
+    if path.endswith(".json") or fs.isdir(path):
         return HFTokenizer(path)
     raise ValueError(f"tokenizer {path!r}: unknown file type (supported: .model, "
                      "tokenizer.json, a Hugging Face model directory)")

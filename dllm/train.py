@@ -23,8 +23,9 @@ import optax
 from flax import struct
 from tqdm import tqdm
 
-from dllm import checkpoint, convert, data, metrics, model as model_lib, runs, sampling, sharding
+from dllm import checkpoint, convert, data, fs, metrics, model as model_lib, runs, sampling
 from dllm import config as config_lib
+from dllm import sharding
 from dllm import tokenizer as tokenizer_lib
 from dllm.stage import STAGES, Stage, StageContext
 
@@ -326,7 +327,6 @@ def print_sample(config, workdir: str, model, params, tok) -> str:
                                  max_len=config.data.seq_len, truncate_prompts=True)
     text = out.texts[0]
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "sample.txt"), "w") as f:
-            f.write(config.sample.prompt + text)
+        fs.write_text(os.path.join(workdir, "sample.txt"), config.sample.prompt + text)
         print(f"--- sample ({sample_cfg.max_new_tokens} tokens) ---\n{config.sample.prompt}{text}")
     return text

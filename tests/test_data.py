@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from dllm import corpus as corpus_lib, data, prepare
+from dllm import corpus as corpus_lib, data, fs, prepare
 from dllm import tokenizer as tokenizer_lib
 
 SEQ_LEN, BATCH = 32, 4
@@ -91,6 +91,19 @@ def test_text_source_reads_files_and_dirs(tmp_path):
     assert set(data.load_documents(_cfg(source="text", path=str(tmp_path)))) == expected
     assert data.load_documents(_cfg(source="text", path=str(tmp_path / "**" / "*.py"))) == [
         "x = '\u00e9'\n"]
+
+
+def test_corpus_on_gs(corpus, fake_gcs):
+    """A jsonl object, or the text objects under a prefix, on gs:// (fake: in memory)."""
+    fs.copy(corpus, "gs://bkt/data/docs.jsonl")
+    assert data.load_documents(_cfg(path="gs://bkt/data/docs.jsonl")) == \
+        data.load_documents(_cfg(path=corpus))
+    fs.write_bytes("gs://bkt/text/a.txt", b"first\r\nfile\n")
+    fs.write_bytes("gs://bkt/text/b.py", "x = '\u00e9'\n".encode())
+    assert sorted(data.load_documents(_cfg(source="text", path="gs://bkt/text"))) == [
+        "first\r\nfile\n", "x = '\u00e9'\n"]
+    with pytest.raises(FileNotFoundError, match="gs://bkt/nowhere"):
+        data.load_documents(_cfg(path="gs://bkt/nowhere"))
 
 
 # ----------------------------------------------------------------------------- errors

@@ -62,12 +62,20 @@ def test_missing_run_names_the_directory(tmp_path):
         runs.load_run(str(tmp_path / "nowhere"))
 
 
-def test_config_round_trips(tmp_path):
-    from dllm import config as config_lib
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_config_and_tokenizer_files_local_or_gs(where, tmp_path, request):
+    from dllm import config as config_lib, fs
+    if where == "gs":
+        request.getfixturevalue("fake_gcs")
+    workdir = str(tmp_path / "run") if where == "local" else "gs://bkt/run"
     config = config_lib.base_config()
-    runs.write_config(config, str(tmp_path))
+    runs.write_config(config, workdir)
     as_json = json.loads(json.dumps(config.to_dict()))     # tuples become lists
-    assert runs.read_config(str(tmp_path)).to_dict() == as_json
+    assert runs.read_config(workdir).to_dict() == as_json
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer"):
+        runs.tokenizer_path(workdir)
+    fs.write_text(f"{workdir}/tokenizer.json", "{}")
+    assert runs.tokenizer_path(workdir) == f"{workdir}/tokenizer.json"
 
 
 def test_param_shardings_follow_the_logical_rules():
