@@ -15,7 +15,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dllm import analysis, runs
+from dllm import analysis, cli, runs
+
 
 def finished(workdir: str) -> bool:
     """Whether workdir holds a run whose latest checkpoint is its last step."""
@@ -58,4 +59,4 @@ def _define_flags() -> None:  # at run time only: the module is also imported (n
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -30,12 +30,17 @@ Keys (scripts and docs rely on these names):
   init.checkpoint       a run directory whose latest params start this run ("" = none)
   init.hf_dir           or a Hugging Face model directory (Qwen2 / Dream safetensors) whose
                         weights and tokenizer start it; model.* must match its config.json
+
+`validate(config)` checks all of it before a run writes anything.
 """
 import dataclasses
+import os
 
+import jax
 import ml_collections
 
-from dllm import data, elbo, model, sampling, sharding
+from dllm import data, elbo, fs, model, sampling, sharding
+from dllm.stage import STAGES
 
 
 def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
@@ -57,3 +62,56 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.sample.max_new_tokens = 48
     c.init = dict(checkpoint="", hf_dir="")
     return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks the whole config before a run writes anything: each section's keys and
+    allowed values, the stage, the step counts, the mesh against the devices and the
+    global batch against the mesh, and that the files it names exist. Raises ValueError,
+    KeyError or FileNotFoundError naming the key."""
+    if config.stage not in STAGES:
+        raise ValueError(f"stage={config.stage!r}; allowed: {sorted(STAGES)}")
+    model.config_from_dict(config.model)
+    elbo.elbo_config_from_dict(config.loss)
+    sampling.sample_config_from_dict(config.sample)
+    data.validate_config(config.data)
+    tc = config.train
+    for key, low in (("steps", 1), ("batch_size", 1), ("log_every", 1), ("eval_every", 0),
+                     ("eval_batches", 1), ("eval_samples", 1), ("warmup_steps", 0),
+                     ("microbatches", 1)):
+        if tc[key] < low:
+            raise ValueError(f"train.{key}={tc[key]}; must be >= {low}")
+    if config.checkpoint.every < 1 or (config.checkpoint.keep or 1) < 1:
+        raise ValueError(f"checkpoint.every={config.checkpoint.every} and checkpoint.keep="
+                         f"{config.checkpoint.keep} must be >= 1")
+    if config.sample.max_new_tokens >= config.data.seq_len:
+        raise ValueError(f"sample.max_new_tokens={config.sample.max_new_tokens} does not fit "
+                         f"the context the model is trained at (data.seq_len="
+                         f"{config.data.seq_len})")
+    _check_batch(config)
+    _check_init(config.init)
+
+
+def _check_batch(config) -> None:
+    """The global batch splits over the processes and, in each microbatch, over the
+    data-parallel devices (mesh data x fsdp)."""
+    mesh = sharding.make_mesh(config.mesh)
+    parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch, micro = config.train.batch_size, config.train.microbatches
+    if batch % jax.process_count():
+        raise ValueError(f"train.batch_size={batch} is not a multiple of the "
+                         f"{jax.process_count()} processes")
+    if batch % (micro * parallel):
+        raise ValueError(
+            f"train.batch_size={batch} does not split into train.microbatches={micro} x "
+            f"{parallel} data-parallel devices (mesh data {mesh.shape['data']} x fsdp "
+            f"{mesh.shape['fsdp']}); use a multiple of {micro * parallel}")
+
+
+def _check_init(init) -> None:
+    if init.checkpoint and init.hf_dir:
+        raise ValueError("init.checkpoint and init.hf_dir are both set; set one")
+    for key, what in (("checkpoint", "a run directory"),
+                      ("hf_dir", "a Hugging Face model directory")):
+        if init[key] and not fs.exists(os.path.join(init[key], "config.json")):
+            raise FileNotFoundError(f"init.{key}={init[key]!r} is not {what} (no config.json)")

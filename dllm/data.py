@@ -89,6 +89,28 @@ def default_config() -> ml_collections.ConfigDict:
         sft_overflow="truncate", mixture={}))
 
 
+def validate_config(data_cfg: ml_collections.ConfigDict) -> None:
+    """Checks `config.data` before a run starts (allowed values, the files it names);
+    raises ValueError / FileNotFoundError naming the key."""
+    for key, allowed in (("source", _SOURCES), ("packing", _PACKINGS),
+                         ("sft_overflow", _OVERFLOWS)):
+        if data_cfg[key] not in allowed:
+            raise ValueError(f"data.{key}={data_cfg[key]!r}; allowed: {allowed}")
+    if data_cfg.seq_len < 2:
+        raise ValueError(f"data.seq_len={data_cfg.seq_len}; must be at least 2")
+    if not 0 <= data_cfg.eval_fraction < 1:
+        raise ValueError(f"data.eval_fraction={data_cfg.eval_fraction}; must be in [0, 1)")
+    if data_cfg.max_documents < 0:
+        raise ValueError(f"data.max_documents={data_cfg.max_documents}; must be >= 0 (0 = all)")
+    if data_cfg.tokenizer and not fs.exists(data_cfg.tokenizer):
+        raise FileNotFoundError(f"data.tokenizer={data_cfg.tokenizer!r}: no such file or "
+                                "directory")
+    if data_cfg.source == "prepared":
+        _mixture_sources(data_cfg)
+    elif data_cfg.source != "stdlib":
+        resolve_paths(data_cfg.path)
+
+
 # ----------------------------------------------------------------------------- reading
 
 

@@ -52,7 +52,7 @@ class ElboConfig:
     normalize: str = "tokens"
 
     def __post_init__(self):
-        for key, allowed in (("anneal", ("random", "band")),
+        for key, allowed in (("schedule", schedules.NAMES), ("anneal", ("random", "band")),
                              ("normalize", ("tokens", "sequence"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"loss.{key}={getattr(self, key)!r}; allowed: {allowed}")

@@ -97,6 +97,12 @@ def listdir(path: str) -> list[str]:
     return sorted(p.name for p in epath.Path(path).iterdir())
 
 
+def rename(src: str, dst: str):
+    """Renames the file or directory `src` to `dst` (on an object store: copied, then
+    deleted)."""
+    epath.Path(src).rename(dst)
+
+
 def remove(path: str):
     """Deletes the file `path`."""
     epath.Path(path).unlink()

@@ -60,6 +60,27 @@ class _EventFiles:
         fs.makedirs(path)
 
 
+def drop_rows_after(workdir: str, step: int) -> None:
+    """Before a run continues from checkpoint `step`: rewrites DIR/metrics.jsonl (process
+    0, atomically) without the rows of later steps, logged before the run stopped and
+    about to be logged again (at step 0, a fresh start, every row goes), and without a
+    torn last line; so each step appears once."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() != 0 or not fs.exists(path):
+        return
+    lines = fs.read_text(path).splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:   # the torn end of a killed run's last write
+            continue
+        if 0 < step and row["step"] <= step:
+            keep.append(line.rstrip("\n") + "\n")
+    if len(keep) != len(lines):
+        fs.write_text(path, "".join(keep))
+
+
 def matmul_ceiling(dtype="float32", n: int = 2048, reps: int = 5) -> float:
     """Measured FLOP/s of a large jitted square matmul on the default device, in
     `dtype` (the best of `reps` runs): the ceiling MFU is quoted against."""

@@ -548,6 +548,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app
+    from dllm import cli
     _define_flags()
-    app.run(main)
+    cli.run(main)

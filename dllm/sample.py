@@ -9,7 +9,9 @@
 Every `dllm.sampling.SampleConfig` field is a flag; unset ones take the run's
 `config.sample`, then SampleConfig's defaults. Several --prompt flags decode as one
 left-padded batch; a row stops at <|endoftext|>. --show replays the denoising in the terminal; --order_plot draws
-the step at which each position was unmasked.
+the step at which each position was unmasked. A prompt that does not fit the run's
+context (data.seq_len) with the new tokens is an error, or with --truncate_prompts
+loses its start.
 """
 import dataclasses
 import sys
@@ -19,7 +21,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from dllm import analysis, runs, sampling
+from dllm import analysis, cli, runs, sampling
 from dllm import tokenizer as tokenizer_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run (config.json, checkpoints/).")
@@ -32,6 +34,8 @@ _STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default:
 _SHOW = flags.DEFINE_bool("show", False, "Animate the denoising in the terminal.")
 _FPS = flags.DEFINE_float("fps", 20.0, "--show frames per second.")
 _ORDER_PLOT = flags.DEFINE_string("order_plot", None, "Write the decoding-order heatmap here.")
+_TRUNCATE = flags.DEFINE_bool("truncate_prompts", False, "Cut prompts that do not fit the run's "
+                              "context with the new tokens from the left (default: an error).")
 flags.mark_flag_as_required("workdir")
 
 _ENUMS = {"alg": sampling.ALGS, "schedule": sampling.SCHEDULES, "parallel": sampling.PARALLEL}
@@ -84,7 +88,8 @@ def main(argv):
     cfg = sample_config(run.config.sample)
     gen = sampling.generate_text(run.params, _PROMPT.value, jax.random.PRNGKey(_SEED.value), cfg,
                                  apply_fn=run.apply_fn, tokenizer=run.tokenizer, chat=_CHAT.value,
-                                 suffix=_SUFFIX.value, multiple=1)
+                                 suffix=_SUFFIX.value, multiple=1, max_len=run.max_len,
+                                 truncate_prompts=_TRUNCATE.value)
     out, tok = gen.decoded, run.tokenizer
     tokens = np.asarray(out.tokens)
     keep = np.concatenate([gen.prompt_valid, np.ones((len(tokens), tokens.shape[1] -
@@ -102,4 +107,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -421,12 +421,31 @@ def generate(params, prompts: Array, rng: Array, cfg: SampleConfig, *, apply_fn:
                      pad_id=eos_id if pad_id is None else pad_id, eos_id=eos_id, trace=trace)
 
 
-def encode_prompts(tok, texts, suffix: str = "", n: int = 0, multiple: int = 1):
+def encode_prompts(tok, texts, suffix: str = "", n: int = 0, multiple: int = 1,
+                   max_len: int | None = None, truncate: bool = False):
     """Left-padded canvases [B, P] int32 and valid [B, P] bool from prompt strings: the
     prompt ids, plus `n` mask tokens and the `suffix` ids when infilling (suffix set).
-    P is rounded up to `multiple` (fewer distinct shapes: fewer recompiles)."""
-    hole = [tok.mask_id] * n + tok.encode(suffix) if suffix else []
-    rows = [tok.encode(t) + hole for t in texts]
+    P is rounded up to `multiple` (fewer distinct shapes: fewer recompiles).
+    max_len: the model's context; a prompt that leaves too little room for the `n`
+    generated tokens (and the suffix) raises ValueError naming it, or with `truncate`
+    loses its start (left truncation)."""
+    suffix_ids = tok.encode(suffix) if suffix else []
+    hole = [tok.mask_id] * n + suffix_ids if suffix else []
+    rows = [tok.encode(t) for t in texts]
+    if max_len is not None:
+        room = max_len - n - len(suffix_ids)
+        if room < 1:
+            raise ValueError(f"{n} new tokens{' and the suffix' if suffix else ''} leave no room "
+                             f"for a prompt in the model's context of {max_len} tokens")
+        for i, row in enumerate(rows):
+            if len(row) > room and not truncate:
+                raise ValueError(
+                    f"prompt {i} is {len(row)} tokens; with {n} new tokens"
+                    f"{' and the suffix' if suffix else ''} it exceeds the model's context of "
+                    f"{max_len} tokens; shorten it, generate fewer tokens, or truncate "
+                    f"prompts (keeping their last {room} tokens)")
+        rows = [row[-room:] for row in rows]
+    rows = [row + hole for row in rows]
     width = -(-max(map(len, rows)) // multiple) * multiple
     prompts = np.full((len(rows), width), tok.pad_id, np.int32)
     valid = np.zeros(prompts.shape, bool)
@@ -460,17 +479,22 @@ def stop_ids(tok) -> set[int]:
 
 def generate_text(params, texts, rng: Array, cfg: SampleConfig, *, apply_fn: Callable, tokenizer,
                   chat: bool = False, suffix: str = "", multiple: int = 32,
+                  max_len: int | None = None, truncate_prompts: bool = False,
                   trace: bool = False) -> TextGeneration:
     """Complete each text: the texts (each wrapped as a user turn in the chat template
     with an open assistant turn when `chat`) are encoded into one left-padded batch
     (width rounded up to `multiple`: fewer shapes, fewer compiles), decoded with `cfg`
     (a row stops at its first EOS; pads after it) and cut at stop_ids per row.
     With a `suffix`, cfg.max_new_tokens masks go between each text and the suffix
-    (infilling) and the completion is what fills them. trace: see `generate`."""
+    (infilling) and the completion is what fills them. max_len: the model's context
+    (`runs.Run.max_len`): a longer prompt + completion raises ValueError, or with
+    `truncate_prompts` the prompt loses its start (see encode_prompts). trace: see
+    `generate`."""
     if chat:
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], True)
                  for t in texts]
-    prompts, valid = encode_prompts(tokenizer, texts, suffix, cfg.max_new_tokens, multiple)
+    prompts, valid = encode_prompts(tokenizer, texts, suffix, cfg.max_new_tokens, multiple,
+                                    max_len, truncate_prompts)
     start, end = prompts.shape[1], None
     if suffix:  # the hole is inside the canvas: nothing appended
         end = start - len(tokenizer.encode(suffix))

@@ -17,6 +17,9 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
+NAMES = ("linear", "cosine", "polynomial", "loglinear")
+
+
 class Schedule(NamedTuple):
     name: str
     alpha: Callable[[Array], Array]   # t -> P(token unmasked at time t)
@@ -40,8 +43,7 @@ def get_schedule(name: str, exponent: float = 2.0, loglinear_eps: float = 1e-3) 
     if name == "loglinear":
         e = loglinear_eps
         return Schedule(name, lambda t: 1.0 - (1.0 - e) * t, lambda t: 1.0 / t)
-    raise ValueError(f"unknown masking schedule {name!r}; allowed: "
-                     "linear, cosine, polynomial, loglinear")
+    raise ValueError(f"unknown masking schedule {name!r}; allowed: {NAMES}")
 
 
 def sample_times(rng: Array, batch: int, eps: float = 1e-3, antithetic: bool = True) -> Array:

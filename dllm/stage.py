@@ -2,7 +2,7 @@
 
 A stage module (`dllm.elbo` for pretraining / mid-training / SFT, `dllm.grpo` for
 coupled-GRPO) defines `make_stage(ctx: StageContext) -> Stage`; `config.stage` names
-the module (see `train.STAGES`). The skeleton owns the state, the jitted step,
+the module (see `STAGES`). The skeleton owns the state, the jitted step,
 gradient accumulation, checkpoints, logging and preemption; the stage owns its loss,
 its batches, its evaluation and any extra state.
 """
@@ -17,6 +17,9 @@ from jax.sharding import Mesh
 
 from dllm import model as model_lib
 from dllm import tokenizer as tokenizer_lib
+
+# config.stage -> the module whose make_stage(ctx) builds it.
+STAGES = {"elbo": "dllm.elbo", "grpo": "dllm.grpo"}
 
 
 class BatchSource:

@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 import tokenizers
+from sentencepiece import sentencepiece_model_pb2 as sp_model
 from tokenizers import decoders, normalizers, pre_tokenizers
 
 from dllm import fs
@@ -67,6 +68,10 @@ class Tokenizer(abc.ABC):
     def to_file(self) -> tuple[str, bytes]:
         """(file name, contents) that `load_tokenizer` reads back as this tokenizer:
         "tokenizer.model" (sentencepiece) or "tokenizer.json" (Hugging Face)."""
+
+    @abc.abstractmethod
+    def to_hf(self) -> tokenizers.Tokenizer:
+        """This tokenizer as a Hugging Face `tokenizers.Tokenizer` (tokenizer.json), same ids."""
 
     def checksum(self) -> str:
         """sha256 of `to_file()`'s contents: the tokenizer's identity (same ids)."""
@@ -130,6 +135,14 @@ def chat_template(messages: Sequence[dict], add_generation_prompt: bool = True) 
     return text
 
 
+# chat_template as a Jinja template (tokenizer_config.json's "chat_template" in exports).
+CHAT_TEMPLATE_JINJA = (
+    "{% if messages[0]['role'] != 'system' %}" + IM_START + "system\n" + DEFAULT_SYSTEM_PROMPT
+    + IM_END + "\n{% endif %}{% for m in messages %}" + IM_START + "{{ m['role'] }}\n"
+    "{{ m['content'] }}" + IM_END + "\n{% endfor %}{% if add_generation_prompt %}" + IM_START
+    + "assistant\n{% endif %}")
+
+
 # sentencepiece turns spaces into this meta symbol and back, so a literal one in the
 # input would decode as a space; we encode it as its UTF-8 bytes instead.
 _SPACE_META = "\u2581"
@@ -188,6 +201,32 @@ class SentencePieceTokenizer(Tokenizer):
 
     def to_file(self) -> tuple[str, bytes]:
         return "tokenizer.model", self._sp.serialized_model_proto()
+
+    def to_hf(self) -> tokenizers.Tokenizer:
+        """The same tokenizer as a Hugging Face `tokenizers.Tokenizer` (what tokenizer.json
+        holds; `transformers` and HFTokenizer load it): the pieces and, for each piece,
+        the merges that make it (ranked by the piece's id, as sentencepiece ranks them),
+        as a byte-fallback BPE on text with spaces as "▁", no pre-tokenizer (pieces span
+        whitespace, as trained) and the special tokens as added tokens. Same ids except
+        for a literal "▁" in the text (here its UTF-8 bytes, there a space)."""
+        proto = sp_model.ModelProto.FromString(self._sp.serialized_model_proto())
+        if proto.trainer_spec.model_type != sp_model.TrainerSpec.BPE:
+            raise ValueError(f"tokenizer {self.path!r}: only BPE sentencepiece models convert")
+        pieces = [p.piece for p in proto.pieces]
+        vocab = {piece: i for i, piece in enumerate(pieces)}
+        normal = sp_model.ModelProto.SentencePiece.NORMAL
+        merges = [(piece[:k], piece[k:]) for p in proto.pieces if p.type == normal
+                  for piece in [p.piece] for k in range(1, len(piece))
+                  if piece[:k] in vocab and piece[k:] in vocab]
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE(
+            vocab, merges, unk_token=pieces[self._sp.unk_id()], byte_fallback=True,
+            fuse_unk=True))
+        tok.normalizer = normalizers.Replace(" ", _SPACE_META)
+        tok.decoder = decoders.Sequence([decoders.Replace(_SPACE_META, " "),
+                                         decoders.ByteFallback(), decoders.Fuse()])
+        tok.add_special_tokens([tokenizers.AddedToken(name, special=True, normalized=False)
+                                for name in SPECIAL_TOKENS])
+        return tok
 
 
 def _chunks(texts: Iterable[str], chunk_chars: int, max_bytes: int) -> Iterable[str]:
@@ -319,6 +358,9 @@ class HFTokenizer(Tokenizer):
 
     def to_file(self) -> tuple[str, bytes]:
         return "tokenizer.json", self._tok.to_str().encode("utf-8")
+
+    def to_hf(self) -> tokenizers.Tokenizer:
+        return self._tok
 
 
 def load_tokenizer(path: str) -> Tokenizer:

@@ -24,14 +24,12 @@ from flax import struct
 from tqdm import tqdm
 
 from dllm import checkpoint, convert, data, fs, metrics, model as model_lib, runs, sampling
+from dllm import config as config_lib
 from dllm import sharding
 from dllm import tokenizer as tokenizer_lib
-from dllm.stage import Stage, StageContext
+from dllm.stage import STAGES, Stage, StageContext
 
 Array = jax.Array
-
-# config.stage -> the module whose make_stage(ctx) builds it.
-STAGES = {"elbo": "dllm.elbo", "grpo": "dllm.grpo"}
 
 
 @struct.dataclass
@@ -149,49 +147,45 @@ def jit_train_step(train_step, state_shardings, mesh):
 
 
 def run_tokenizer(config, workdir: str):
-    """The run's tokenizer: data.tokenizer if set; else the one of the run named by
-    init.checkpoint (copied into `workdir`, so ids stay the same across stages); else
-    init.hf_dir's (special tokens it lacks appended; saved as workdir/tokenizer.json);
-    else data.get_tokenizer (cached in `workdir`, trained on first use)."""
-    if config.init.checkpoint and config.init.hf_dir:
-        raise ValueError("config.init: set checkpoint or hf_dir, not both")
-    if not config.data.tokenizer and config.init.hf_dir:
-        tok = tokenizer_lib.HFTokenizer(config.init.hf_dir)
-        if jax.process_index() == 0:
-            tok.save(os.path.join(workdir, "tokenizer.json"))
-        return tok
-    if not config.data.tokenizer and config.init.checkpoint:
-        source = runs.tokenizer_path(config.init.checkpoint)
-        target = os.path.join(workdir, os.path.basename(source))
-        if jax.process_index() == 0 and not fs.exists(target):
-            fs.copy(source, target)
-        return tokenizer_lib.load_tokenizer(source)
-    return data.get_tokenizer(config.data, workdir)
+    """The run's tokenizer, kept in `workdir` (the run directory is self-contained; a
+    resumed run must use the one it was trained with): data.tokenizer if set, or a
+    prepared corpus's own; else that of the run init.checkpoint names (same ids across
+    stages); else init.hf_dir's (special tokens it lacks appended); else one trained on
+    the corpus on first use (data.get_tokenizer)."""
+    init = config.init
+    if init.hf_dir and not config.data.tokenizer:
+        tok, source = tokenizer_lib.HFTokenizer(init.hf_dir), f"init.hf_dir={init.hf_dir!r}"
+    elif init.checkpoint and not config.data.tokenizer:
+        tok, source = runs.load_tokenizer(init.checkpoint), f"init.checkpoint={init.checkpoint!r}"
+    else:
+        tok = data.get_tokenizer(config.data, workdir)
+        source = (f"data.tokenizer={config.data.tokenizer!r}" if config.data.tokenizer else
+                  f"that of data.source={config.data.source!r}")
+    runs.save_tokenizer(tok, workdir, source)
+    return tok
 
 
 class NonFiniteLossError(FloatingPointError):
-    pass
+    exit_code = 1   # dllm.cli: a run that failed, not bad input
 
 
 class DataExhaustedError(RuntimeError):
-    pass
+    exit_code = 1
 
 
 def make_stage(config, workdir: str, model: nn.Module, tok, mesh, rules) -> Stage:
     """The stage `config.stage` names, built by its module's make_stage."""
-    if config.stage not in STAGES:
-        raise ValueError(f"config.stage={config.stage!r}; allowed: {sorted(STAGES)}")
     ctx = StageContext(config=config, workdir=workdir, model=model, tokenizer=tok, mesh=mesh,
                        rules=rules, apply_fn=model_lib.model_apply(model))
     return importlib.import_module(STAGES[config.stage]).make_stage(ctx)
 
 
 def _start_state(config, model, tx, mesh, rules, stage: Stage, ckpt):
-    """(state, shardings): restored from the run's latest checkpoint (with the batch
-    source's position), else initialised, with params from config.init if set."""
+    """(state, shardings): restored from the run's newest readable checkpoint (with the
+    batch source's position), else initialised, with params from config.init if set."""
     abstract, state_sh = abstract_state(model, tx, mesh, rules, stage.init_extra)
     if ckpt.latest_step() is not None:  # straight into the shardings: no init, no 2x memory
-        state, data_state = ckpt.restore(abstract)
+        state, data_state = ckpt.restore_newest_readable(abstract)
         stage.batches.set_state(data_state)
         return state, state_sh
     state, _ = init_state(model, tx, config.seed, mesh, rules, stage.init_extra)
@@ -211,8 +205,19 @@ def _start_state(config, model, tx, mesh, rules, stage: Stage, ckpt):
 
 def train_and_evaluate(config, workdir: str) -> TrainState:
     """Train the configured stage in `workdir`, resuming from its latest checkpoint;
-    then print and save a sample. Returns the final state."""
-    runs.write_config(config, workdir)
+    then print and save a sample. Returns the final state.
+
+    Nothing is written before the config is validated and, in an existing run, checked
+    against it (a mismatch leaves the run as it was); config.json is written once the
+    state is restored or initialised. The run's lock is held throughout, and a stop
+    request (SIGTERM, Ctrl-C) from then on saves at the next step boundary."""
+    config_lib.validate(config)
+    runs.check_resume(config, workdir)
+    with runs.lock(workdir), checkpoint.catch_stop_signals():
+        return _train(config, workdir)
+
+
+def _train(config, workdir: str) -> TrainState:
     tok = run_tokenizer(config, workdir)
     model_cfg = model_lib.config_from_dict(config.model)
     if tok.vocab_size > model_cfg.vocab_size:
@@ -226,15 +231,16 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                    config.checkpoint.every, config.checkpoint.keep)
     state, state_sh = _start_state(config, model, tx, mesh, rules, stage, ckpt)
+    runs.write_config(config, workdir)
 
-    with sharding.activate(mesh, rules), checkpoint.catch_sigterm():
+    with sharding.activate(mesh, rules):
         step_fn = jit_train_step(make_train_step(stage.loss_fn, tx, config.train.microbatches,
                                                  stage.update_extra), state_sh, mesh)
         state = _loop(config, workdir, state, step_fn, stage, ckpt, lr, mesh)
     ckpt.close()
     if int(state.step) < config.train.steps:
-        print(f"preempted: saved step {int(state.step)} in {workdir}/checkpoints; rerun the same "
-              "command to resume")
+        print(f"{checkpoint.stop_reason()}: saved step {int(state.step)} in {workdir}/checkpoints;"
+              " rerun the same command to resume")
         return state
     print_sample(config, workdir, model, state.params, tok)
     return state
@@ -256,8 +262,9 @@ def _loop(config, workdir, state, step_fn, stage: Stage, ckpt, lr, mesh):
     """The step loop: log, evaluate, checkpoint; stops on a non-finite loss, and
     after saving on a preemption notice."""
     tc = config.train
-    writer = metrics.MetricsWriter(workdir)
     start = int(state.step)
+    metrics.drop_rows_after(workdir, start)
+    writer = metrics.MetricsWriter(workdir)
     evaluate = stage.evaluate if tc.eval_every else None
     # MFU is against a matmul ceiling measured in this run, on these devices.
     ceiling = (metrics.matmul_ceiling(config.model.dtype) * jax.device_count()
@@ -316,7 +323,8 @@ def print_sample(config, workdir: str, model, params, tok) -> str:
     """Decode a completion of config.sample.prompt; print it and save it."""
     sample_cfg = sampling.sample_config_from_dict(config.sample)
     out = sampling.generate_text(params, [config.sample.prompt], jax.random.PRNGKey(config.seed),
-                                 sample_cfg, apply_fn=model_lib.model_apply(model), tokenizer=tok)
+                                 sample_cfg, apply_fn=model_lib.model_apply(model), tokenizer=tok,
+                                 max_len=config.data.seq_len, truncate_prompts=True)
     text = out.texts[0]
     if jax.process_index() == 0:
         fs.write_text(os.path.join(workdir, "sample.txt"), config.sample.prompt + text)

@@ -15,7 +15,7 @@ reused unless data.tokenizer is set).
 from dllm.config import base_config
 
 
-def get_config(arg: str = "tiny"):
+def get_config(arg: str = ""):
     if arg == "tiny":
         c = base_config("tiny")
         c.model.vocab_size = 512
@@ -36,4 +36,5 @@ def get_config(arg: str = "tiny"):
         c.checkpoint.update(every=1000, keep=3)
         c.mesh.update(data=1, fsdp=-1, tensor=1)
         return c
-    raise ValueError(f"unknown variant {arg!r} of experiments/midtrain.py; allowed: tiny, 7b")
+    raise ValueError(f"experiments/midtrain.py: variant {arg!r}; pass one of tiny, 7b "
+                     "after a colon (--config=experiments/midtrain.py:tiny)")

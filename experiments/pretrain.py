@@ -22,7 +22,7 @@
 from dllm.config import base_config
 
 
-def get_config(arg: str = "tiny"):
+def get_config(arg: str = ""):
     if arg == "tiny":
         c = base_config("tiny")
         c.model.vocab_size = 512
@@ -59,4 +59,5 @@ def get_config(arg: str = "tiny"):
         c.mesh.update(data=1, fsdp=-1, tensor=1)
         c.sample.update(max_new_tokens=256)
         return c
-    raise ValueError(f"unknown variant {arg!r} of experiments/pretrain.py; allowed: tiny, adapt, 7b")
+    raise ValueError(f"experiments/pretrain.py: variant {arg!r}; pass one of tiny, adapt, 7b "
+                     "after a colon (--config=experiments/pretrain.py:tiny)")

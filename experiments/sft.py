@@ -16,7 +16,7 @@ as in DiffuCoder; `--config.loss.train_on_pad=False` is the "flexible padding" v
 from dllm.config import base_config
 
 
-def get_config(arg: str = "tiny"):
+def get_config(arg: str = ""):
     if arg == "tiny":
         c = base_config("tiny")
         c.model.vocab_size = 512
@@ -39,4 +39,5 @@ def get_config(arg: str = "tiny"):
         c.mesh.update(data=1, fsdp=-1, tensor=1)
         c.sample.update(max_new_tokens=256, temperature=0.3)
         return c
-    raise ValueError(f"unknown variant {arg!r} of experiments/sft.py; allowed: tiny, 7b")
+    raise ValueError(f"experiments/sft.py: variant {arg!r}; pass one of tiny, 7b "
+                     "after a colon (--config=experiments/sft.py:tiny)")

@@ -1,5 +1,6 @@
 """dllm.metrics: metrics.jsonl and TensorBoard events in a local or gs:// workdir
-(tests/conftest.py: fake_gcs)."""
+(tests/conftest.py: fake_gcs); after a resume, every step once."""
+import json
 import struct
 
 import pytest
@@ -41,3 +42,16 @@ def test_metrics_writer_appends_across_runs(where, tmp_path, request):
     scalars = sorted(s for e in events for s in read_scalars(f"{workdir}/tensorboard/{e}"))
     assert scalars == [(1, "accuracy", 0.25), (1, "loss", 2.5), (2, "accuracy", 0.5),
                        (2, "loss", 2.0), (3, "accuracy", 0.75), (3, "loss", 1.5)]
+
+
+def test_a_resume_drops_the_rows_after_its_checkpoint(tmp_path):
+    rows = [{"step": 0, "eval_nelbo": 5.0}] + [{"step": s, "loss": 1.0 / s} for s in range(1, 8)]
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 8, "lo')   # killed mid-write
+    metrics.drop_rows_after(str(tmp_path), 4)
+    assert metrics.read_metrics(str(tmp_path)) == rows[:5]
+    metrics.drop_rows_after(str(tmp_path), 4)                          # nothing more to drop
+    assert metrics.read_metrics(str(tmp_path)) == rows[:5]
+    metrics.drop_rows_after(str(tmp_path), 0)                          # a fresh start
+    assert metrics.read_metrics(str(tmp_path)) == []
+    metrics.drop_rows_after(str(tmp_path / "none"), 3)                 # no file: nothing to do

@@ -1,6 +1,7 @@
 """Task suites (HumanEval, jsonl files of every test style), prompts and programs."""
 import gzip
 import json
+import re
 
 import pytest
 
@@ -82,3 +83,14 @@ def test_the_default_chat_template_is_the_tokenizers(humaneval):
     assert tasks_lib.build_prompt(humaneval[0]).startswith(
         tokenizer_lib.chat_template([{"role": "system", "content": "You are a helpful assistant."}],
                                     add_generation_prompt=False))
+
+
+@pytest.mark.parametrize("tests", [{"tests": []}, {"test_list": []}, {"test": ""},
+                                   {"tests": ["assert f(1) == 1", "  "]}])
+def test_a_task_without_tests_is_refused(tmp_path, tests):
+    """An empty test list would pass any completion (pass@1 = 1.0, a free RL reward)."""
+    path = tmp_path / "tasks.jsonl"
+    record = {"task_id": "t/0", "prompt": "def f(x):\n", "entry_point": "f", **tests}
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}:1: task 't/0' has no tests"):
+        tasks_lib.load_tasks(str(path))

@@ -3,6 +3,7 @@ the skeleton computes a stage's definition; gradient accumulation; a stage plugs
 import json
 import math
 import os
+import re
 import shutil
 
 import flax
@@ -14,7 +15,7 @@ import optax
 import pytest
 
 from dllm import config as config_lib
-from dllm import data, elbo, metrics, model as model_lib, sharding, train
+from dllm import checkpoint, data, elbo, metrics, model as model_lib, sharding, train
 from dllm import stage as stage_lib
 from dllm import tokenizer as tokenizer_lib
 
@@ -141,13 +142,66 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10"]
 
 
-def test_checkpoint_shape_mismatch_names_the_parameter(tiny_run, tmp_path):
+def _snapshot(workdir):
+    """{relative path: contents} of every file under workdir."""
+    out = {}
+    for root, _, files in os.walk(workdir):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, workdir)] = f.read()
+    return out
+
+
+def test_a_failed_resume_leaves_the_run_byte_for_byte(tiny_run, tmp_path):
+    """Resuming with a model key that changes the checkpoint's shapes fails naming the
+    key, before anything is written: config.json (read by sample / evaluate) and every
+    other file stay as they were."""
     workdir = str(tmp_path / "bad")
     shutil.copytree(tiny_run, workdir)
+    before = _snapshot(workdir)
     config = tiny_run_config()
     config.model.mlp = 96
-    with pytest.raises(ValueError, match="layers/mlp/.*kernel"):
+    config.train.steps = 30
+    with pytest.raises(ValueError, match=r"model.mlp: 128 there, 96 here.*left as it was"):
         train.train_and_evaluate(config, workdir)
+    assert _snapshot(workdir) == before
+
+
+def test_resume_falls_back_past_an_unreadable_checkpoint(tiny_run, tmp_path, capsys):
+    """A truncated array file in the newest checkpoint (20): the resume names the step
+    and the file, moves it aside, resumes from step 10 and trains 11..20 exactly as the
+    first run did."""
+    workdir = str(tmp_path / "corrupt")
+    shutil.copytree(tiny_run, workdir)
+    state_dir = os.path.join(workdir, "checkpoints", "20", "state")
+    arrays = [os.path.join(root, f) for root, _, files in os.walk(state_dir) for f in files
+              if os.sep + "d" + os.sep in os.path.join(root, f)]
+    with open(max(arrays, key=os.path.getsize), "r+b") as f:
+        f.truncate(100)
+    train.train_and_evaluate(tiny_run_config(), workdir)
+    out = capsys.readouterr().out
+    assert re.search(r"checkpoint step 20 \(.*checkpoints/20\) is unreadable: .*"
+                     r"checkpoints/20/state", out), out
+    assert "resuming from step 10, the newest checkpoint that restores" in out
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20", "20.unreadable"]
+    first = metrics.read_metrics(tiny_run)
+    resumed = metrics.read_metrics(workdir)
+    assert [r["step"] for r in resumed] == [r["step"] for r in first]   # each step once
+    for a, b in zip(first[11:], resumed[11:]):
+        assert a["step"] == b["step"] and a["loss"] == b["loss"], (a, b)
+
+
+def test_no_readable_checkpoint_stops_with_one_message(tiny_run, tmp_path):
+    workdir = str(tmp_path / "corrupt_all")
+    shutil.copytree(tiny_run, workdir)
+    for step in ("10", "20"):
+        with open(os.path.join(workdir, "checkpoints", step, "state", "_METADATA"), "w") as f:
+            f.write("{oops")
+    with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint in .* restores "
+                                                          r"\(steps \[20, 10\]"):
+        train.train_and_evaluate(tiny_run_config(), workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
 
 
 def test_unusable_eval_split_fails_before_training(tmp_path):
@@ -242,7 +296,7 @@ class _ToyBatches(stage_lib.BatchSource):
 
 
 def make_stage(ctx):
-    """A stage for the test below (named "toy" in train.STAGES there): the ELBO loss on
+    """A stage for the test below (named "toy" in stage.STAGES there): the ELBO loss on
     fixed tokens, a reference policy mixed halfway towards the params every 2 steps."""
     tokens = np.random.default_rng(0).integers(0, 100, (8, 16)).astype(np.int32)
     mix = lambda ref, p: jax.tree.map(lambda r, q: 0.5 * r + 0.5 * q, ref, p)
@@ -256,7 +310,7 @@ def make_stage(ctx):
 
 
 def test_a_stage_plugs_in_batches_from_the_state_extra_state_and_eval(monkeypatch, tmp_path):
-    monkeypatch.setitem(train.STAGES, "toy", "test_train")
+    monkeypatch.setitem(stage_lib.STAGES, "toy", "test_train")
     config = tiny_run_config(steps=4)
     config.stage = "toy"
     config.train.update(eval_every=2, log_every=1)
@@ -295,7 +349,7 @@ def test_a_stage_plugs_in_batches_from_the_state_extra_state_and_eval(monkeypatc
 
 
 def test_data_running_out_saves_and_says_so(monkeypatch, tmp_path):
-    monkeypatch.setitem(train.STAGES, "toy", "test_train")
+    monkeypatch.setitem(stage_lib.STAGES, "toy", "test_train")
     monkeypatch.setattr(_ToyBatches, "limit", 3)
     config = tiny_run_config(steps=5)
     config.stage = "toy"
