@@ -43,7 +43,7 @@ def get_schedule(name: str, exponent: float = 2.0, loglinear_eps: float = 1e-3) 
     if name == "loglinear":
         e = loglinear_eps
         return Schedule(name, lambda t: 1.0 - (1.0 - e) * t, lambda t: 1.0 / t)
-    raise ValueError(f"unknown masking schedule {name!r}; allowed: {NAMES}")
+    raise ValueError(f"unknown masking schedule {name!r}; allowed: {', '.join(NAMES)}")
 
 
 def sample_times(rng: Array, batch: int, eps: float = 1e-3, antithetic: bool = True) -> Array:
