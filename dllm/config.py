@@ -9,10 +9,11 @@ Keys (scripts and docs rely on these names):
   data.*                dllm.data fields: source, path, seq_len, ... (see dllm/data.py)
   loss.*                dllm.elbo.ElboConfig fields: schedule, train_on_pad, anneal_steps, ...
   train.steps, batch_size (global), lr (peak), warmup_steps, min_lr_ratio (cosine floor
-        as a fraction of lr), weight_decay, b1, b2, grad_clip, log_every, eval_every
-        (0 = never; else also at step 0), eval_batches, eval_samples (MC samples of the
-        held-out NELBO), microbatches (gradient accumulation: the global batch is split
-        into this many slices, one in memory at a time; 1 = off)
+        as a fraction of lr), weight_decay (AdamW's; kernels and embeddings only, not
+        biases and norm scales, as HF's trainers), b1, b2, grad_clip, log_every,
+        eval_every (0 = never; else also at step 0), eval_batches, eval_samples (MC
+        samples of the held-out NELBO), microbatches (gradient accumulation: the global
+        batch is split into this many slices, one in memory at a time; 1 = off)
   checkpoint.every, keep
   mesh.data, fsdp, tensor    device-mesh sizes within a slice; one may be -1 (all
                         remaining devices)
@@ -32,14 +33,19 @@ Keys (scripts and docs rely on these names):
   init.warmup           an experiment ("experiments/sft.py:tasks_tiny") trained first, in
                         WORKDIR/warmup, when neither init.checkpoint nor init.hf_dir is set;
                         the run then starts from it ("" = none)
+
+`validate(config)` checks all of it before a run writes anything.
 """
 import dataclasses
+import importlib
 import importlib.util
 import os
 
+import jax
 import ml_collections
 
-from dllm import data, elbo, model, sampling, sharding
+from dllm import data, elbo, fs, model, sampling, sharding
+from dllm.stage import STAGES
 
 
 def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
@@ -72,3 +78,59 @@ def load_experiment(spec: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(variant) if variant else module.get_config()
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks the whole config before a run writes anything: each section's keys and
+    allowed values, the stage, the step counts, the mesh against the devices and the
+    global batch against the mesh, and that the files it names exist. Raises ValueError,
+    KeyError or FileNotFoundError naming the key."""
+    if config.stage not in STAGES:
+        raise ValueError(f"stage={config.stage!r}; allowed: {sorted(STAGES)}")
+    stage = importlib.import_module(STAGES[config.stage])
+    if hasattr(stage, "validate_config"):  # the stage's own section (e.g. config.grpo)
+        stage.validate_config(config)
+    model.config_from_dict(config.model)
+    elbo.elbo_config_from_dict(config.loss)
+    sampling.sample_config_from_dict(config.sample)
+    data.validate_config(config.data)
+    tc = config.train
+    for key, low in (("steps", 1), ("batch_size", 1), ("log_every", 1), ("eval_every", 0),
+                     ("eval_batches", 1), ("eval_samples", 1), ("warmup_steps", 0),
+                     ("microbatches", 1)):
+        if tc[key] < low:
+            raise ValueError(f"train.{key}={tc[key]}; must be >= {low}")
+    if config.checkpoint.every < 1 or (config.checkpoint.keep or 1) < 1:
+        raise ValueError(f"checkpoint.every={config.checkpoint.every} and checkpoint.keep="
+                         f"{config.checkpoint.keep} must be >= 1")
+    if config.sample.max_new_tokens >= config.data.seq_len:
+        raise ValueError(f"sample.max_new_tokens={config.sample.max_new_tokens} does not fit "
+                         f"the context the model is trained at (data.seq_len="
+                         f"{config.data.seq_len})")
+    _check_batch(config)
+    _check_init(config.init)
+
+
+def _check_batch(config) -> None:
+    """The global batch splits over the processes and, in each microbatch, over the
+    data-parallel devices (mesh data x fsdp)."""
+    mesh = sharding.make_mesh(config.mesh)
+    parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch, micro = config.train.batch_size, config.train.microbatches
+    if batch % jax.process_count():
+        raise ValueError(f"train.batch_size={batch} is not a multiple of the "
+                         f"{jax.process_count()} processes")
+    if batch % (micro * parallel):
+        raise ValueError(
+            f"train.batch_size={batch} does not split into train.microbatches={micro} x "
+            f"{parallel} data-parallel devices (mesh data {mesh.shape['data']} x fsdp "
+            f"{mesh.shape['fsdp']}); use a multiple of {micro * parallel}")
+
+
+def _check_init(init) -> None:
+    if init.checkpoint and init.hf_dir:
+        raise ValueError("init.checkpoint and init.hf_dir are both set; set one")
+    for key, what in (("checkpoint", "a run directory"),
+                      ("hf_dir", "a Hugging Face model directory")):
+        if init[key] and not fs.exists(os.path.join(init[key], "config.json")):
+            raise FileNotFoundError(f"init.{key}={init[key]!r} is not {what} (no config.json)")

@@ -44,6 +44,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from dllm import checkpoint as checkpoint_lib
+from dllm import cli
 from dllm import config as config_lib
 from dllm import model as model_lib
 from dllm import runs
@@ -420,16 +421,18 @@ def _copy_side_files(src: str, dst: str, skip=()):
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
 
 
-def _run_config(fields: dict, hf_dir: str, architecture: str) -> ml_collections.ConfigDict:
-    """An imported run's config.json contents: the model, its source, and the default
-    decoding settings (no stage's data or training keys: a run that trains from it
-    brings its own experiment file, --config.init.checkpoint=THIS_DIR)."""
+def _run_config(fields: dict, hf_dir: str, hf_config: dict) -> ml_collections.ConfigDict:
+    """An imported run's config.json contents: the model, its source (with the context
+    it declares, runs.max_len), and the default decoding settings (no stage's data or
+    training keys: a run that trains from it brings its own experiment file,
+    --config.init.checkpoint=THIS_DIR)."""
     def shape(d):  # the fields a preset fixes (dtype and remat are per run)
         return {k: v for k, v in d.items() if k not in ("dtype", "param_dtype", "remat")}
     matches = [n for n in model_lib.PRESETS if shape(model_lib.preset(n)) == shape(fields)]
     c = ml_collections.ConfigDict()
     c.model = {**fields, "preset": matches[0] if matches else ""}
-    c.hf = dict(source=os.path.abspath(hf_dir), architecture=architecture)
+    c.hf = dict(source=os.path.abspath(hf_dir), architecture=hf_architecture(hf_config),
+                max_position_embeddings=hf_config.get("max_position_embeddings"))
     c.sample = config_lib.base_config().sample
     return c
 
@@ -460,7 +463,7 @@ def import_hf(hf_dir: str, workdir: str, *, dtype: str | None = None,
     if jax.process_index() == 0:
         _copy_side_files(hf_dir, os.path.join(workdir, "hf"))
         tok.save(os.path.join(workdir, "tokenizer.json"))
-        runs.write_config(_run_config(fields, hf_dir, hf_architecture(hf_config)), workdir)
+        runs.write_config(_run_config(fields, hf_dir, hf_config), workdir)
     ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 1, None)
     ckpt.save(0, {"step": jnp.int32(0), "params": params}, {}, force=True)
     ckpt.close()
@@ -484,8 +487,9 @@ def export_hf(workdir: str, out_dir: str, *, step: int | None = None,
               architecture: str | None = None, dtype: str | None = None,
               hf_base: str | None = None, max_shard_bytes: int = 5 * 2**30) -> list[str]:
     """Writes a run's params (`step`, default latest) as a Hugging Face directory that
-    transformers loads: config.json, safetensors (+ index), tokenizer.json and the side
-    files of `hf_base` (default: the run's own hf/, else its config.init.hf_dir, else
+    transformers loads: config.json, safetensors (+ index), tokenizer.json (a
+    sentencepiece run's converted: SentencePieceTokenizer.to_hf), a tokenizer_config.json
+    where the base has none, and the side files of `hf_base` (default: the run's own hf/, else its config.init.hf_dir, else
     those of the run its config.init.checkpoint names). `architecture`
     defaults to the base's, else DreamModel for a bidirectional model and
     Qwen2ForCausalLM for a causal one. Returns the weight file names."""
@@ -502,11 +506,26 @@ def export_hf(workdir: str, out_dir: str, *, step: int | None = None,
     os.makedirs(out_dir, exist_ok=True)
     if hf_base:
         _copy_side_files(hf_base, out_dir, skip=("config.json",))
-    if isinstance(tok, tokenizer_lib.HFTokenizer):
-        tok.save(os.path.join(out_dir, "tokenizer.json"))
+    tok.to_hf().save(os.path.join(out_dir, "tokenizer.json"))
+    if not os.path.exists(os.path.join(out_dir, "tokenizer_config.json")):
+        _write_tokenizer_config(out_dir, runs.max_len(runs.read_config(workdir)))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
     return save_hf_weights(params, cfg, out_dir, max_shard_bytes=max_shard_bytes, dtype=dtype)
+
+
+def _write_tokenizer_config(out_dir: str, max_len: int | None):
+    """tokenizer_config.json for a tokenizer.json without one (a run trained from scratch):
+    transformers' generic fast tokenizer, the special tokens, the ChatML template."""
+    t = tokenizer_lib
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": t.BOS, "eos_token": t.EOS,
+              "pad_token": t.PAD, "mask_token": t.MASK,
+              "additional_special_tokens": [t.IM_START, t.IM_END],
+              "clean_up_tokenization_spaces": False, "chat_template": t.CHAT_TEMPLATE_JINJA}
+    if max_len:
+        config["model_max_length"] = max_len
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -550,4 +569,4 @@ def _main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(_main)
+    cli.run(_main)

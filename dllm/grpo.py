@@ -326,10 +326,6 @@ class Rollouts(BatchSource):
         c = ctx.config
         self.ctx, self.cfg, self.tasks, self.tok = ctx, cfg, train_tasks, ctx.tokenizer
         self.rows = c.train.batch_size
-        if self.rows % cfg.generations or self.rows % jax.process_count():
-            raise ValueError(f"config.train.batch_size={self.rows} must be a multiple of "
-                             f"grpo.generations={cfg.generations} and of the "
-                             f"{jax.process_count()} process(es)")
         self.width, self.seed = c.grpo.max_prompt_len, c.seed
         self.sample_cfg = sampling.sample_config_from_dict(c.sample)
         self.reward_cfg = reward_config(c.grpo)
@@ -502,15 +498,34 @@ def rollout_figures(parts: dict, passed: np.ndarray, batch: dict, steps: np.ndar
             "calls_per_token": steps.mean() / batch["loss_mask"].shape[1]}
 
 
-def make_stage(ctx: StageContext) -> Stage:
-    """coupled-GRPO on `config.grpo.tasks`; held-out evaluation on `config.grpo.eval_tasks`
-    (pass@1 and mean reward); the reference policy in the extra state."""
-    c = ctx.config
+def validate_config(c) -> None:
+    """Checks config.grpo (config.validate calls this for stage "grpo"): known keys and
+    allowed values, the task suites named, whole groups in a batch, and prompts plus
+    completions within the context the model is trained at. Raises naming the key."""
+    if "grpo" not in c:
+        raise KeyError("stage 'grpo' needs a config.grpo section (grpo.default_config())")
+    unknown = sorted(set(c.grpo) - set(default_config()))
+    if unknown:
+        raise KeyError(f"config.grpo has unknown keys {unknown}; allowed: {sorted(default_config())}")
     cfg = grpo_config_from_dict(c.grpo)
     for key, needed in (("tasks", True), ("eval_tasks", bool(c.train.eval_every))):
         if needed and not c.grpo[key]:
             raise ValueError(f"config.grpo.{key} is empty: name a task suite "
                              "(humaneval, synthetic:train, synthetic:heldout or a jsonl file)")
+    if c.train.batch_size % cfg.generations:
+        raise ValueError(f"train.batch_size={c.train.batch_size} must be a multiple of "
+                         f"grpo.generations={cfg.generations} (whole groups per batch)")
+    if c.grpo.max_prompt_len + c.sample.max_new_tokens > c.data.seq_len:
+        raise ValueError(f"grpo.max_prompt_len={c.grpo.max_prompt_len} + sample.max_new_tokens="
+                         f"{c.sample.max_new_tokens} exceeds data.seq_len={c.data.seq_len}, "
+                         "the context the model is trained at")
+
+
+def make_stage(ctx: StageContext) -> Stage:
+    """coupled-GRPO on `config.grpo.tasks`; held-out evaluation on `config.grpo.eval_tasks`
+    (pass@1 and mean reward); the reference policy in the extra state."""
+    c = ctx.config
+    cfg = grpo_config_from_dict(c.grpo)
     batches = Rollouts(ctx, cfg, tasks_lib.load_tasks(c.grpo.tasks))
     loss_fn = functools.partial(grpo_loss, apply_fn=ctx.apply_fn, cfg=cfg,
                                 mask_id=ctx.tokenizer.mask_id)

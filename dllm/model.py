@@ -232,19 +232,24 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
 
 
 def attention_mask(valid: Array, lookahead, key_valid: Array | None = None) -> Array:
-    """[B, 1, S, K] bool: query i sees key j iff both are valid tokens and
-    j <= i + lookahead. lookahead None = bidirectional, 0 = causal; values in
-    between anneal causal -> full (may be a traced scalar). key_valid [B, K]: the
-    keys' validity when they are not the queries (a window call; bidirectional)."""
+    """[B, 1, S, K] bool: query i sees key j iff both are valid tokens and the
+    structure allows the pair. lookahead: None = bidirectional; an int (may be a
+    traced scalar): j <= i + lookahead (0 = causal, values in between anneal causal
+    -> full); or a bool array [S, S] / [B, S, S] of allowed (query, key) pairs.
+    key_valid [B, K]: the keys' validity when they are not the queries (a window
+    call; bidirectional)."""
     if key_valid is None:
         key_valid = valid
     mask = valid[:, None, :, None] & key_valid[:, None, None, :]
-    if lookahead is not None:
+    if lookahead is None:
+        return mask
+    if jnp.ndim(lookahead) == 0:
         s = valid.shape[1]
-        i = jnp.arange(s)[:, None]
-        j = jnp.arange(s)[None, :]
-        mask = mask & (j <= i + lookahead)[None, None]
-    return mask
+        allowed = jnp.arange(s)[None, :] <= jnp.arange(s)[:, None] + lookahead
+    else:
+        allowed = jnp.asarray(lookahead, bool)
+    # [S, S] -> [1, S, S] and [B, S, S] -> [B, 1, S, S]: broadcast over batch / heads.
+    return mask & jnp.expand_dims(allowed, -3)
 
 
 class Attention(nn.Module):
@@ -327,9 +332,11 @@ class Transformer(nn.Module):
         """tokens: [B, S] int; valid: [B, S] bool (False = padding, excluded from
         attention; default all True); positions: [B, S] int (default cumsum(valid)-1,
         so the first real token of a left-padded row has position 0); lookahead:
-        None (bidirectional), 0 (causal) or an int / traced scalar in between;
-        "default" = the config's `causal`. Returns logits [B, S, V] float32, shifted
-        (position i predicts token i) when cfg.shift_logits.
+        None (bidirectional), 0 (causal) or an int / traced scalar in between, or a
+        bool array [S, S] / [B, S, S] of allowed (query, key) pairs (see
+        `attention_mask`; ANDed with the padding mask); "default" = the config's
+        `causal`. Returns logits [B, S, V] float32, shifted (position i predicts
+        token i) when cfg.shift_logits.
 
         Window call: `cache` holds the K/V of a whole canvas [B, S_c] and `tokens`
         are its positions window_start[b] ... window_start[b] + S - 1 ([B] int; the

@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dllm import data, elbo, model as model_lib, sharding, train
+from dllm import cli, data, elbo, model as model_lib, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file and variant.",
                                           lock_config=True)
@@ -149,4 +149,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

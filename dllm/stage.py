@@ -2,7 +2,7 @@
 
 A stage module (`dllm.elbo` for pretraining / mid-training / SFT, `dllm.grpo` for
 coupled-GRPO) defines `make_stage(ctx: StageContext) -> Stage`; `config.stage` names
-the module (see `train.STAGES`). The skeleton owns the state, the jitted step,
+the module (see `STAGES`). The skeleton owns the state, the jitted step,
 gradient accumulation, checkpoints, logging and preemption; the stage owns its loss,
 its batches, its evaluation and any extra state.
 """
@@ -17,6 +17,9 @@ from jax.sharding import Mesh
 
 from dllm import model as model_lib
 from dllm import tokenizer as tokenizer_lib
+
+# config.stage -> the module whose make_stage(ctx) builds it.
+STAGES = {"elbo": "dllm.elbo", "grpo": "dllm.grpo"}
 
 
 class BatchSource:
@@ -35,9 +38,10 @@ class BatchSource:
     def set_state(self, state: dict) -> None:
         raise NotImplementedError
 
-    def metrics(self) -> dict:
+    def metrics(self, step: int) -> dict:
         """Host-side figures (timings, rewards, ...) gathered since the last call;
-        merged into the next logged row."""
+        merged into the logged row of `step`."""
+        del step
         return {}
 
 

@@ -57,6 +57,12 @@ class Task:
     imports: str = ""
     solution: str = ""
 
+    def __post_init__(self):
+        # A task without a test would pass any completion (a free reward under RL).
+        if not self.tests or any(not t.strip() for t in self.tests):
+            raise ValueError(f"task {self.task_id!r} has no tests or an empty one: it would "
+                             "pass any completion")
+
 
 def _tests_from_record(record: dict, where: str) -> tuple[str, ...]:
     """The test cases of a task record (see the module docstring)."""
@@ -79,8 +85,12 @@ def _task_from_record(record, where: str) -> Task:
         if not isinstance(record.get(key), types):
             raise ValueError(f"{where}: missing or invalid key {key!r}")
     imports = record.get("test_imports") or []
-    return Task(str(record["task_id"]), record["prompt"], record["entry_point"],
-                _tests_from_record(record, where), "\n".join(imports))
+    tests = _tests_from_record(record, where)
+    try:
+        return Task(str(record["task_id"]), record["prompt"], record["entry_point"], tests,
+                    "\n".join(imports))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def humaneval_path() -> str:
@@ -143,8 +153,7 @@ def build_prompt(task: Task, style: str = "instruct", answer_prefix: bool = True
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     user = (question(task) if style == "diffucoder"
             else INSTRUCT_TEMPLATE.format(prompt=task.prompt.strip()))
-    messages = [{"role": "system", "content": tokenizer_lib.DEFAULT_SYSTEM_PROMPT},
-                {"role": "user", "content": user}]
+    messages = list(_messages(user))
     prefix = ANSWER_PREFIX if answer_prefix and style == "instruct" else ""
     return chat_template(messages) + prefix
 
@@ -157,13 +166,20 @@ def question(task: Task) -> str:
     return f"{task.prompt}\nTest cases: {task.tests[0]}"
 
 
-def sft_pairs(tasks: Sequence[Task]) -> list[tuple[str, str]]:
-    """(user turn, response) pairs for instruction tuning: `question(task)` and the
-    reference solution as one ```python block. Tasks without a solution fail."""
+def sft_pairs(tasks: Sequence[Task]) -> list[tuple[tuple[dict, ...], str]]:
+    """(prompt messages, response) pairs for instruction tuning, in the prompt format of
+    style "diffucoder": the system turn and `question(task)` as the user turn; the
+    response is the reference solution as one ```python block. Tasks without a solution
+    fail."""
     missing = [t.task_id for t in tasks if not t.solution]
     if missing:
         raise ValueError(f"tasks without a reference solution: {missing[:5]}")
-    return [(question(t), f"{ANSWER_PREFIX}{t.solution}```") for t in tasks]
+    return [(_messages(question(t)), f"{ANSWER_PREFIX}{t.solution}```") for t in tasks]
+
+
+def _messages(user: str) -> tuple[dict, ...]:
+    return ({"role": "system", "content": tokenizer_lib.DEFAULT_SYSTEM_PROMPT},
+            {"role": "user", "content": user})
 
 
 # ----------------------------------------------------------------------------- synthetic

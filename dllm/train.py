@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import shutil
 import time
 from typing import Any
 
@@ -24,15 +23,13 @@ import optax
 from flax import struct
 from tqdm import tqdm
 
-from dllm import checkpoint, convert, data, metrics, model as model_lib, runs, sampling, sharding
+from dllm import checkpoint, convert, data, fs, metrics, model as model_lib, runs, sampling
 from dllm import config as config_lib
+from dllm import sharding
 from dllm import tokenizer as tokenizer_lib
-from dllm.stage import Stage, StageContext
+from dllm.stage import STAGES, Stage, StageContext
 
 Array = jax.Array
-
-# config.stage -> the module whose make_stage(ctx) builds it.
-STAGES = {"elbo": "dllm.elbo", "grpo": "dllm.grpo"}
 
 
 @struct.dataclass
@@ -44,16 +41,28 @@ class TrainState:
     extra: Any = None  # the stage's extra state (Stage.init_extra), e.g. a reference policy
 
 
+def decayed(params):
+    """Weight-decay mask: True on kernels and embeddings, False on biases and norm
+    scales (as the HF trainers of the reference recipes). By name, not rank: layer
+    params are stacked along a leading "layers" axis (works on boxed params too)."""
+    def by_name(path, _):
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return names[-1] not in ("bias", "scale")
+    return jax.tree_util.tree_map_with_path(by_name, params)
+
+
 def make_optimizer(train_cfg):
-    """AdamW with linear warmup and cosine decay to `min_lr_ratio` x peak, after
-    global-norm gradient clipping. Returns (tx, lr_schedule)."""
+    """AdamW (no decay on biases and norm scales) with linear warmup and cosine decay
+    to `min_lr_ratio` x peak, after global-norm gradient clipping. Returns
+    (tx, lr_schedule)."""
     lr = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=train_cfg.lr, warmup_steps=train_cfg.warmup_steps,
         decay_steps=max(train_cfg.steps, train_cfg.warmup_steps + 1),
         end_value=train_cfg.lr * train_cfg.min_lr_ratio)
     tx = optax.chain(
         optax.clip_by_global_norm(train_cfg.grad_clip),
-        optax.adamw(lr, b1=train_cfg.b1, b2=train_cfg.b2, weight_decay=train_cfg.weight_decay))
+        optax.adamw(lr, b1=train_cfg.b1, b2=train_cfg.b2, weight_decay=train_cfg.weight_decay,
+                    mask=decayed))
     return tx, lr
 
 
@@ -138,45 +147,45 @@ def jit_train_step(train_step, state_shardings, mesh):
 
 
 def run_tokenizer(config, workdir: str):
-    """The run's tokenizer: data.tokenizer if set; else the one of the run named by
-    init.checkpoint (copied into `workdir`, so ids stay the same across stages); else
-    init.hf_dir's (special tokens it lacks appended; saved as workdir/tokenizer.json);
-    else data.get_tokenizer (cached in `workdir`, trained on first use)."""
-    if config.init.checkpoint and config.init.hf_dir:
-        raise ValueError("config.init: set checkpoint or hf_dir, not both")
-    if not config.data.tokenizer and config.init.hf_dir:
-        tok = tokenizer_lib.HFTokenizer(config.init.hf_dir)
-        if jax.process_index() == 0:
-            tok.save(os.path.join(workdir, "tokenizer.json"))
-        return tok
-    if not config.data.tokenizer and config.init.checkpoint:
-        source = runs.tokenizer_path(config.init.checkpoint)
-        target = os.path.join(workdir, os.path.basename(source))
-        if jax.process_index() == 0 and not os.path.exists(target):
-            shutil.copy(source, target)
-        return tokenizer_lib.load_tokenizer(source)
-    return data.get_tokenizer(config.data, workdir)
+    """The run's tokenizer, kept in `workdir` (the run directory is self-contained; a
+    resumed run must use the one it was trained with): data.tokenizer if set, or a
+    prepared corpus's own; else that of the run init.checkpoint names (same ids across
+    stages); else init.hf_dir's (special tokens it lacks appended); else one trained on
+    the corpus on first use (data.get_tokenizer)."""
+    init = config.init
+    if init.hf_dir and not config.data.tokenizer:
+        tok, source = tokenizer_lib.HFTokenizer(init.hf_dir), f"init.hf_dir={init.hf_dir!r}"
+    elif init.checkpoint and not config.data.tokenizer:
+        tok, source = runs.load_tokenizer(init.checkpoint), f"init.checkpoint={init.checkpoint!r}"
+    else:
+        tok = data.get_tokenizer(config.data, workdir)
+        source = (f"data.tokenizer={config.data.tokenizer!r}" if config.data.tokenizer else
+                  f"that of data.source={config.data.source!r}")
+    runs.save_tokenizer(tok, workdir, source)
+    return tok
 
 
 class NonFiniteLossError(FloatingPointError):
-    pass
+    exit_code = 1   # dllm.cli: a run that failed, not bad input
+
+
+class DataExhaustedError(RuntimeError):
+    exit_code = 1
 
 
 def make_stage(config, workdir: str, model: nn.Module, tok, mesh, rules) -> Stage:
     """The stage `config.stage` names, built by its module's make_stage."""
-    if config.stage not in STAGES:
-        raise ValueError(f"config.stage={config.stage!r}; allowed: {sorted(STAGES)}")
     ctx = StageContext(config=config, workdir=workdir, model=model, tokenizer=tok, mesh=mesh,
                        rules=rules, apply_fn=model_lib.model_apply(model))
     return importlib.import_module(STAGES[config.stage]).make_stage(ctx)
 
 
 def _start_state(config, model, tx, mesh, rules, stage: Stage, ckpt):
-    """(state, shardings): restored from the run's latest checkpoint (with the batch
-    source's position), else initialised, with params from config.init if set."""
+    """(state, shardings): restored from the run's newest readable checkpoint (with the
+    batch source's position), else initialised, with params from config.init if set."""
     abstract, state_sh = abstract_state(model, tx, mesh, rules, stage.init_extra)
     if ckpt.latest_step() is not None:  # straight into the shardings: no init, no 2x memory
-        state, data_state = ckpt.restore(abstract)
+        state, data_state = ckpt.restore_newest_readable(abstract)
         stage.batches.set_state(data_state)
         return state, state_sh
     state, _ = init_state(model, tx, config.seed, mesh, rules, stage.init_extra)
@@ -206,11 +215,22 @@ def warm_up(config, workdir: str):
 
 def train_and_evaluate(config, workdir: str) -> TrainState:
     """Train the configured stage in `workdir`, resuming from its latest checkpoint
-    (after config.init.warmup, if set and nothing else initialises the run); then
-    print and save a sample. Returns the final state."""
-    if config.init.get("warmup") and not (config.init.checkpoint or config.init.hf_dir):
+    (after training config.init.warmup, if set and nothing else initialises the run);
+    then print and save a sample. Returns the final state.
+
+    Nothing is written before the config is validated and, in an existing run, checked
+    against it (a mismatch leaves the run as it was); config.json is written once the
+    state is restored or initialised. The run's lock is held throughout, and a stop
+    request (SIGTERM, Ctrl-C) from then on saves at the next step boundary."""
+    config_lib.validate(config)
+    if config.init.warmup and not (config.init.checkpoint or config.init.hf_dir):
         config = warm_up(config, workdir)
-    runs.write_config(config, workdir)
+    runs.check_resume(config, workdir)
+    with runs.lock(workdir), checkpoint.catch_stop_signals():
+        return _train(config, workdir)
+
+
+def _train(config, workdir: str) -> TrainState:
     tok = run_tokenizer(config, workdir)
     model_cfg = model_lib.config_from_dict(config.model)
     if tok.vocab_size > model_cfg.vocab_size:
@@ -224,25 +244,26 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                    config.checkpoint.every, config.checkpoint.keep)
     state, state_sh = _start_state(config, model, tx, mesh, rules, stage, ckpt)
+    runs.write_config(config, workdir)
 
-    with sharding.activate(mesh, rules), checkpoint.catch_sigterm():
+    with sharding.activate(mesh, rules):
         step_fn = jit_train_step(make_train_step(stage.loss_fn, tx, config.train.microbatches,
                                                  stage.update_extra), state_sh, mesh)
         state = _loop(config, workdir, state, step_fn, stage, ckpt, lr, mesh)
     ckpt.close()
     if int(state.step) < config.train.steps:
-        print(f"preempted: saved step {int(state.step)} in {workdir}/checkpoints; rerun the same "
-              "command to resume")
+        print(f"{checkpoint.stop_reason()}: saved step {int(state.step)} in {workdir}/checkpoints;"
+              " rerun the same command to resume")
         return state
     print_sample(config, workdir, model, state.params, tok)
     return state
 
 
-def _log_row(host: dict, stage: Stage, n_steps: int, dt: float, lr_now: float,
+def _log_row(step: int, host: dict, stage: Stage, n_steps: int, dt: float, lr_now: float,
              ceiling: float) -> dict:
     """The logged row: the stage's metrics (means over the interval), its batch
     source's host figures, the learning rate, and throughput when the stage gives it."""
-    row = {**host, **stage.batches.metrics(), "lr": lr_now}
+    row = {**host, **stage.batches.metrics(step), "lr": lr_now}
     if stage.tokens_per_step:
         row["tokens_per_s"] = stage.tokens_per_step * n_steps / dt
     if stage.flops_per_step:
@@ -254,8 +275,9 @@ def _loop(config, workdir, state, step_fn, stage: Stage, ckpt, lr, mesh):
     """The step loop: log, evaluate, checkpoint; stops on a non-finite loss, and
     after saving on a preemption notice."""
     tc = config.train
-    writer = metrics.MetricsWriter(workdir)
     start = int(state.step)
+    metrics.drop_rows_after(workdir, start)
+    writer = metrics.MetricsWriter(workdir)
     evaluate = stage.evaluate if tc.eval_every else None
     # MFU is against a matmul ceiling measured in this run, on these devices.
     ceiling = (metrics.matmul_ceiling(config.model.dtype) * jax.device_count()
@@ -266,8 +288,16 @@ def _loop(config, workdir, state, step_fn, stage: Stage, ckpt, lr, mesh):
                disable=jax.process_index() != 0)
     t_last, pending = time.perf_counter(), []   # device metrics since the last log
     for step in range(start + 1, tc.steps + 1):
-        state, step_metrics = step_fn(state, sharding.global_batch(stage.batches.next(state),
-                                                                   mesh))
+        try:
+            batch = stage.batches.next(state)
+        except StopIteration:  # finite data (a mixture's epochs): keep what was trained
+            ckpt.save(step - 1, state, stage.batches.get_state(), force=True)
+            ckpt.close()
+            raise DataExhaustedError(
+                f"the training data ran out before step {step} (config.data epochs); step "
+                f"{step - 1} is saved in {workdir}/checkpoints. Lower config.train.steps or "
+                "raise the epochs.") from None
+        state, step_metrics = step_fn(state, sharding.global_batch(batch, mesh))
         pending.append(step_metrics)
         bar.update(1)
         log_now = step % tc.log_every == 0 or step in (start + 1, tc.steps)
@@ -284,7 +314,7 @@ def _loop(config, workdir, state, step_fn, stage: Stage, ckpt, lr, mesh):
                 f"non-finite metrics at step {step}: {host}; stopping. The last good "
                 f"checkpoint (step {ckpt.latest_step()}) in {workdir}/checkpoints is intact.")
         if log_now or eval_now:
-            row = _log_row(host, stage, len(pending), time.perf_counter() - t_last,
+            row = _log_row(step, host, stage, len(pending), time.perf_counter() - t_last,
                            float(lr(step - 1)), ceiling)
             if eval_now:
                 row.update(evaluate(state))
@@ -306,10 +336,10 @@ def print_sample(config, workdir: str, model, params, tok) -> str:
     """Decode a completion of config.sample.prompt; print it and save it."""
     sample_cfg = sampling.sample_config_from_dict(config.sample)
     out = sampling.generate_text(params, [config.sample.prompt], jax.random.PRNGKey(config.seed),
-                                 sample_cfg, apply_fn=model_lib.model_apply(model), tokenizer=tok)
+                                 sample_cfg, apply_fn=model_lib.model_apply(model), tokenizer=tok,
+                                 max_len=config.data.seq_len, truncate_prompts=True)
     text = out.texts[0]
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "sample.txt"), "w") as f:
-            f.write(config.sample.prompt + text)
+        fs.write_text(os.path.join(workdir, "sample.txt"), config.sample.prompt + text)
         print(f"--- sample ({sample_cfg.max_new_tokens} tokens) ---\n{config.sample.prompt}{text}")
     return text

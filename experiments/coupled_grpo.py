@@ -50,7 +50,7 @@ def tiny_config(estimator: str):
     return c
 
 
-def get_config(arg: str = "tiny"):
+def get_config(arg: str = ""):
     if arg in TINY_ESTIMATORS:
         return tiny_config(TINY_ESTIMATORS[arg])
     if arg == "7b":
@@ -70,11 +70,13 @@ def get_config(arg: str = "tiny"):
                        log_every=10, eval_every=500)
         c.checkpoint.update(every=250, keep=3)
         c.mesh.update(data=1, fsdp=-1, tensor=1)
+        c.data.seq_len = 2048  # the context of DiffuCoder's instruction tuning
         # Rollouts: 256 tokens in 256 steps, entropy order, top-p 0.95, temperature 1.2
         # (the paper; the released yaml uses 1.0); one block spanning the completion (the
         # same decoding as none, proposals only there).
         c.sample.update(max_new_tokens=256, steps=256, block_length=256, alg="entropy",
                         top_p=0.95, temperature=1.2)
         return c
-    raise ValueError(f"unknown variant {arg!r} of experiments/coupled_grpo.py; allowed: "
-                     f"{', '.join(TINY_ESTIMATORS)}, 7b")
+    raise ValueError(f"experiments/coupled_grpo.py: variant {arg!r}; pass one of "
+                     f"{', '.join(TINY_ESTIMATORS)}, 7b after a colon "
+                     "(--config=experiments/coupled_grpo.py:tiny)")

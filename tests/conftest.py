@@ -28,3 +28,37 @@ def trained_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("trained_run"))
     train.train_and_evaluate(tiny_run_config(steps=2), workdir)
     return workdir
+
+
+@pytest.fixture
+def fake_gcs(monkeypatch):
+    """gs:// served from memory (fsspec's memory file system under the "gs" / "gcs"
+    protocols, which etils.epath uses for gs:// without TensorFlow). Like GCS, its
+    objects cannot be opened for appending."""
+    from fsspec.registry import _registry
+    from etils.epath import backend
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class FakeGCS(MemoryFileSystem):
+        store, pseudo_dirs = {}, [""]
+        protocol = ("gs", "gcs")
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            path = str(path)
+            for prefix in ("gs://", "gcs://"):
+                if path.startswith(prefix):
+                    path = path[len(prefix):]
+            return super()._strip_protocol(path)
+
+        def _open(self, path, mode="rb", **kwargs):
+            if "a" in mode:
+                raise NotImplementedError(f"{path}: GCS objects cannot be appended to")
+            return super()._open(path, mode, **kwargs)
+
+    monkeypatch.setenv("EPATH_USE_TF", "false")  # epath prefers TensorFlow's gfile if installed
+    for name in ("gs", "gcs"):
+        monkeypatch.setitem(_registry, name, FakeGCS)
+    backend._FileSystemSpecBackend._get_filesystem.cache_clear()
+    yield FakeGCS.store
+    backend._FileSystemSpecBackend._get_filesystem.cache_clear()

@@ -147,6 +147,43 @@ def test_generate_and_evaluate_with_a_fake_sampler(humaneval):
     assert report["config"]["sampler"] == {"temperature": 0.2}
 
 
+def test_samples_are_written_as_they_are_generated(humaneval, tmp_path):
+    """A failure after the first batch keeps that batch's samples (the --samples input),
+    and every prompt is checked before anything is generated."""
+    path = str(tmp_path / "r.samples.jsonl")
+    calls = []
+
+    def sampler(prompts):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise RuntimeError("the sampler broke")
+        return ["    return 1\n"] * len(prompts)
+
+    with pytest.raises(RuntimeError, match="broke"):
+        evaluate.generate_and_evaluate(humaneval[:3], sampler, style="base", batch_size=2,
+                                       samples_path=path, progress=False)
+    assert evaluate.load_samples(path) == [
+        {"task_id": t.task_id, "completion": "    return 1\n"} for t in humaneval[:2]]
+
+    def refuse(prompts):
+        raise ValueError(f"{len(prompts)} prompts checked")
+    with pytest.raises(ValueError, match="^3 prompts checked$"):
+        evaluate.generate_and_evaluate(humaneval[:3], sampler, check_prompts=refuse)
+    assert len(calls) == 2
+
+
+def test_bad_k_and_out_are_refused_before_any_work(tmp_path):
+    assert evaluate.parse_k("1, 10") == [1, 10]
+    for bad in ("0", "1,x", ""):
+        with pytest.raises(ValueError, match=r"--k=.*: expected comma-separated integers >= 1"):
+            evaluate.parse_k(bad)
+    assert evaluate.check_out(str(tmp_path / "r.json")) == str(tmp_path / "r.samples.jsonl")
+    with pytest.raises(FileNotFoundError, match=r"--out=.*: directory .*/missing does not exist"):
+        evaluate.check_out(str(tmp_path / "missing" / "r.json"))
+    with pytest.raises(PermissionError, match="not a writable file path"):
+        evaluate.check_out(str(tmp_path))
+
+
 def test_sampler_returning_the_wrong_count_is_an_error(humaneval):
     with pytest.raises(ValueError, match="returned 0 completions"):
         evaluate.generate_and_evaluate(humaneval[:1], lambda ps: [], progress=False)
@@ -173,14 +210,39 @@ def test_cli_writes_the_results_json(tmp_path):
     assert "pass@1: 0.5000" in done.stdout
 
 
+def test_cli_fails_fast_on_a_bad_out_naming_it(tmp_path):
+    """--out in a missing directory is refused before any program runs (the progress
+    bar of the execution never shows): one line on stderr, exit 2."""
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", [HE_LIKE])
+    samples = write_jsonl(tmp_path / "samples.jsonl", [
+        {"task_id": "t/1", "completion": "    return a * b\n"}])
+    out = tmp_path / "missing" / "result.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "dllm.evaluate", f"--tasks={tasks}", f"--samples={samples}",
+         f"--out={out}", "--k=1"], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert done.returncode == 2
+    assert done.stderr == f"error: --out='{out}': directory {out.parent} does not exist\n"
+
+
 def test_cli_reports_a_bad_samples_file(tmp_path):
     samples = write_jsonl(tmp_path / "samples.jsonl", ["{oops"])
     done = subprocess.run(
         [sys.executable, "-m", "dllm.evaluate", f"--samples={samples}",
          f"--out={tmp_path / 'r.json'}"], capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONPATH": os.getcwd()})
-    assert done.returncode != 0
-    assert "samples.jsonl:1: malformed JSON" in done.stderr
+    assert done.returncode == 2
+    assert done.stderr.endswith("samples.jsonl:1: malformed JSON (Expecting property name "
+                                "enclosed in double quotes)\n")
+    assert done.stderr.count("\n") == 1
+    with open(samples, "wb") as f:
+        f.write(b'{"task_id": "t/1", "completion": "\xff"}\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "dllm.evaluate", f"--samples={samples}",
+         f"--out={tmp_path / 'r.json'}"], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert done.returncode == 2
+    assert done.stderr == f"error: {samples}:1: not valid UTF-8 (invalid start byte)\n"
 
 
 def test_overrides_parse_values_and_reject_bare_words():
@@ -192,7 +254,7 @@ def test_overrides_parse_values_and_reject_bare_words():
 
 def test_checkpoint_sample_fn_decodes_with_the_runs_model(trained_run):
     workdir = trained_run
-    sample_fn, template, info = evaluate.checkpoint_sample_fn(
+    sample_fn, template, info, check_prompts = evaluate.checkpoint_sample_fn(
         workdir, {"max_new_tokens": 6, "temperature": 1.0}, seed=3)
     prompts = ["def f(x):\n", "import os\n    x = 1\n", "class A:\n"]
     first, second = sample_fn(prompts), sample_fn(prompts)
@@ -200,5 +262,9 @@ def test_checkpoint_sample_fn_decodes_with_the_runs_model(trained_run):
     assert first != second            # a fresh key per call
     assert template([{"role": "user", "content": "hi"}]).endswith("<|im_start|>assistant\n")
     assert info["temperature"] == 1.0
+    check_prompts(prompts)
+    with pytest.raises(ValueError, match="prompt 1 is .* tokens; with 6 new tokens it exceeds "
+                                         "the model's context of 64 tokens"):
+        check_prompts(["def f():", "x = 1\n" * 200])
     with pytest.raises(KeyError, match="temprature"):
         evaluate.checkpoint_sample_fn(workdir, {"temprature": 1.0})

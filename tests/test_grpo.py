@@ -262,7 +262,8 @@ def grpo_runs(tmp_path_factory):
                                 "entry_point": t.entry_point, "tests": list(t.tests)}) + "\n")
     with open(pairs, "w") as f:
         for prompt, response in tasks.sft_pairs(chosen) * 4:   # a batch of 16
-            f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+            messages = [*prompt, {"role": "assistant", "content": response}]
+            f.write(json.dumps({"messages": messages}) + "\n")
     warm = os.path.join(root, "warm")
     proc = runs.launch(root, warm, f"{GRPO_CONFIG}:warmup", f"--config.data.path={pairs}")
     assert runs.finish(proc, RUN_TIMEOUT_S) == 0, runs.read_logs(warm)

@@ -1,7 +1,9 @@
 """The run directory: config, the one tokenizer rule, params restored into shardings."""
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 
 from dllm import checkpoint, model as model_lib, runs, sharding
+from dllm import tokenizer as tokenizer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,7 +22,8 @@ def test_load_run_restores_the_saved_params(trained_run):
     run = runs.load_run(trained_run)
     assert run.config.train.steps == 2 and run.tokenizer.vocab_size <= run.config.model.vocab_size
     # Independently: the checkpoint's arrays as orbax stored them, on one device.
-    ckpt = checkpoint.Checkpointer(os.path.join(trained_run, "checkpoints"), 1, None)
+    ckpt = checkpoint.Checkpointer(os.path.join(trained_run, "checkpoints"), 1, None,
+                                   read_only=True)
     meta = ckpt.manager.item_metadata(2)["state"]["params"]
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     saved = ckpt.restore_params(jax.tree.map(
@@ -58,12 +62,20 @@ def test_missing_run_names_the_directory(tmp_path):
         runs.load_run(str(tmp_path / "nowhere"))
 
 
-def test_config_round_trips(tmp_path):
-    from dllm import config as config_lib
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_config_and_tokenizer_files_local_or_gs(where, tmp_path, request):
+    from dllm import config as config_lib, fs
+    if where == "gs":
+        request.getfixturevalue("fake_gcs")
+    workdir = str(tmp_path / "run") if where == "local" else "gs://bkt/run"
     config = config_lib.base_config()
-    runs.write_config(config, str(tmp_path))
+    runs.write_config(config, workdir)
     as_json = json.loads(json.dumps(config.to_dict()))     # tuples become lists
-    assert runs.read_config(str(tmp_path)).to_dict() == as_json
+    assert runs.read_config(workdir).to_dict() == as_json
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer"):
+        runs.tokenizer_path(workdir)
+    fs.write_text(f"{workdir}/tokenizer.json", "{}")
+    assert runs.tokenizer_path(workdir) == f"{workdir}/tokenizer.json"
 
 
 def test_param_shardings_follow_the_logical_rules():
@@ -76,8 +88,61 @@ def test_param_shardings_follow_the_logical_rules():
 
 
 def test_readers_do_not_import_the_trainer():
-    code = ("import sys, dllm.sample, dllm.evaluate, dllm.runs, dllm.sampling; "
+    code = ("import sys, dllm.sample, dllm.evaluate, dllm.runs, dllm.sampling, dllm.analysis, "
+            "dllm.analyze; "
             "assert 'dllm.train' not in sys.modules, 'dllm.train imported'")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+_HOLD_LOCK = """
+import sys, time
+from dllm import runs
+with runs.lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(300)
+"""
+
+
+def test_a_second_trainer_is_refused_naming_the_owner(tmp_path):
+    """While another process trains in a run directory (holds its lock), a trainer
+    there stops at once, naming the owner, and writes nothing; once the owner is gone
+    (even by kill -9) the lock is free: the kernel drops it."""
+    from dllm import train
+    from test_train import tiny_run_config
+    workdir = str(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, workdir], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": ROOT})
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        owner = f"host {socket.gethostname()} pid {holder.pid}"
+        with pytest.raises(runs.RunLockedError,
+                           match=re.escape(f"{workdir} is in use by {owner} (lock ")):
+            train.train_and_evaluate(tiny_run_config(steps=2), workdir)
+        assert os.listdir(workdir) == [runs.LOCK_FILE]
+    finally:
+        holder.kill()
+        holder.wait()
+    with runs.lock(workdir):
+        with open(os.path.join(workdir, runs.LOCK_FILE)) as f:
+            assert f.read() == f"host {socket.gethostname()} pid {os.getpid()}\n"
+
+
+def test_the_run_keeps_its_tokenizer(trained_run, tmp_path):
+    """save_tokenizer copies a tokenizer in; a different one already there is refused
+    naming both (the run was trained with it)."""
+    tok = runs.load_tokenizer(trained_run)
+    runs.save_tokenizer(tok, str(tmp_path), "data.tokenizer='x'")
+    with open(tmp_path / "tokenizer.model", "rb") as f:
+        assert f.read() == tok.to_file()[1]
+    other = tokenizer_lib.train_sentencepiece(["def f(x):\n    return x + 1\n"] * 20, 300,
+                                              str(tmp_path / "other" / "tokenizer.model"))
+    with pytest.raises(ValueError, match=r"tokenizer.model is not the tokenizer this config "
+                                         r"uses \(data.tokenizer='y'\)"):
+        runs.save_tokenizer(other, str(tmp_path), "data.tokenizer='y'")
+
+
+def test_max_len_is_the_trained_context(trained_run):
+    assert runs.load_run(trained_run).max_len == 64 == runs.read_config(trained_run).data.seq_len

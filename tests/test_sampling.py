@@ -239,6 +239,53 @@ def test_parallel_counts_match_fast_dllm_rules():
             assert int(got[row]) == n
 
 
+def test_parallel_commits_the_most_probable_proposal_not_the_rules_favourite():
+    """Entropy ranks position 2 (p = 0.89, the rest on one token) above position 3
+    (p = 0.91, the rest spread over 60 tokens); threshold 0.9 commits position 3."""
+    hand = np.full((1, 2 + 2, VOCAB), -30.0)
+    hand[0, 2, :2] = np.log([0.89, 0.11])
+    hand[0, 3, :61] = np.log([0.91] + [0.09 / 60] * 60)
+    entropy = np_confidence("entropy", hand[0, 2:, :MASK])
+    assert entropy[0] > entropy[1]
+    out = run_fixed(hand, 2, alg="entropy", parallel="threshold", threshold=0.9)
+    np.testing.assert_array_equal(np.asarray(out.order)[0, 2:], [1, 0])
+
+
+def np_parallel_count(p, parallel):
+    """Fast-dLLM's count from the proposals' probabilities p [W] (threshold 0.75, factor 1)."""
+    if parallel == "threshold":
+        return max(1, int((p > 0.75).sum()))
+    c = -np.sort(-p)
+    return max([1] + [m for m in range(1, len(c) + 1) if (m + 1) * (1 - c[m - 1]) < 1.0])
+
+
+@pytest.mark.parametrize("parallel", ["threshold", "factor"])
+@pytest.mark.parametrize("alg", ["entropy", "topk_margin", "random"])
+def test_parallel_first_step_commits_the_k_most_probable(alg, parallel):
+    """Ten positions whose top token has a random probability in (0.5, 0.97) and the
+    rest on one token or spread over 60 (so the rules rank them otherwise): the
+    first step commits NumPy's count, the positions with the most probable tokens."""
+    rng = np.random.default_rng(9)
+    top = rng.uniform(0.5, 0.97, (2, 10))
+    spread = rng.choice([1, 60], (2, 10))
+    logits = np.full((2, 3 + 10, VOCAB), -30.0)
+    for row, i in np.ndindex(2, 10):
+        logits[row, 3 + i, 0] = np.log(top[row, i])
+        logits[row, 3 + i, 1:1 + spread[row, i]] = np.log((1 - top[row, i]) / spread[row, i])
+    p = np_confidence("maskgit_plus", logits[:, 3:, :MASK])  # the greedy token's probability
+    out = run_fixed(logits, 3, alg=alg, parallel=parallel, threshold=0.75, factor=1.0)
+    first = np.asarray(out.order)[:, 3:] == 0
+    rule_differs = alg == "random"
+    for row in range(2):
+        k = np_parallel_count(p[row], parallel)
+        assert 1 < k < 10
+        most_probable = np.argsort(-p[row])[:k]
+        np.testing.assert_array_equal(np.flatnonzero(first[row]), np.sort(most_probable))
+        by_rule = np.argsort(-np_confidence(alg, logits[row, 3:, :MASK]))[:k]
+        rule_differs |= set(by_rule) != set(most_probable)
+    assert rule_differs  # the rule alone would have picked other positions
+
+
 def test_threshold_one_is_one_token_per_step_and_zero_is_one_step_per_block(params, prompts):
     one = np.asarray(run(params, prompts, alg="maskgit_plus", parallel="threshold",
                          threshold=1.0).order)[:, 8:]
@@ -334,6 +381,8 @@ def test_sample_config_from_dict_rejects_unknown_keys():
         S.SampleConfig(alg="confidence")
     with pytest.raises(ValueError, match="block_length"):
         S.SampleConfig(cache=True)
+    with pytest.raises(ValueError, match="alg_temp"):
+        S.SampleConfig(parallel="threshold", alg_temp=0.5)
 
 
 # ---- the text-level helper ----
@@ -388,3 +437,26 @@ def test_left_pad_pads_on_the_left_and_truncates_from_the_left():
     tokens, valid = S.left_pad([[1, 2], [3, 4, 5, 6, 7], []], 4, pad_id=0)
     np.testing.assert_array_equal(tokens, [[0, 0, 1, 2], [4, 5, 6, 7], [0, 0, 0, 0]])
     np.testing.assert_array_equal(valid, [[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]])
+
+
+# ----------------------------------------------------------------------------- trace
+
+def test_trace_holds_each_masked_positions_confidence_until_it_is_committed():
+    """With logits that ignore the canvas, the traced confidence of a position is NumPy's
+    negative entropy of its logits at every step up to the one that commits it, and nan
+    from the next step on (and on the prompt); without trace=True there is none."""
+    rand = np.asarray(jax.random.normal(jax.random.key(9), (2, 3 + 8, VOCAB))) * 3
+    out = run_fixed(rand, 3, alg="entropy", schedule="dream")
+    assert out.trace is None
+    x = jnp.zeros((2, 3), jnp.int32)
+    cfg = S.SampleConfig(max_new_tokens=8, steps=8, alg="entropy")
+    out = S.generate(jnp.asarray(rand, jnp.float32), x, jax.random.key(0), cfg,
+                     apply_fn=FIXED, mask_id=MASK, trace=True)
+    trace, order = np.asarray(out.trace), np.asarray(out.order)
+    assert trace.shape == (11, 2, 11)  # the loop's bound: max(steps, P + N)
+    conf = np_confidence("entropy", rand[..., :MASK])
+    steps = np.arange(11)[:, None, None]
+    still_masked = (order[None] >= steps) & (steps <= order.max())
+    np.testing.assert_allclose(trace[still_masked], np.broadcast_to(conf, trace.shape)[still_masked],
+                               rtol=1e-5, atol=1e-6)
+    assert np.isnan(trace[~still_masked]).all()

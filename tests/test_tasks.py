@@ -2,6 +2,7 @@
 their train / held-out split), prompts (DiffuCoder's RL format too) and programs."""
 import gzip
 import json
+import re
 
 import ml_collections
 import pytest
@@ -87,6 +88,17 @@ def test_the_default_chat_template_is_the_tokenizers(humaneval):
                                     add_generation_prompt=False))
 
 
+@pytest.mark.parametrize("tests", [{"tests": []}, {"test_list": []}, {"test": ""},
+                                   {"tests": ["assert f(1) == 1", "  "]}])
+def test_a_task_without_tests_is_refused(tmp_path, tests):
+    """An empty test list would pass any completion (pass@1 = 1.0, a free RL reward)."""
+    path = tmp_path / "tasks.jsonl"
+    record = {"task_id": "t/0", "prompt": "def f(x):\n", "entry_point": "f", **tests}
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}:1: task 't/0' has no tests"):
+        tasks_lib.load_tasks(str(path))
+
+
 # ---- synthetic families ----
 
 @pytest.fixture(scope="module")
@@ -165,7 +177,9 @@ def test_diffucoder_prompt_appends_the_first_test_without_a_code_block(suites):
 def test_sft_pairs_and_the_tasks_data_source(suites):
     train, _ = suites
     pairs = tasks_lib.sft_pairs(train)
-    assert pairs[0] == (tasks_lib.question(train[0]), f"{FENCE}python\n{train[0].solution}{FENCE}")
+    system = {"role": "system", "content": tokenizer_lib.DEFAULT_SYSTEM_PROMPT}
+    assert pairs[0] == ((system, {"role": "user", "content": tasks_lib.question(train[0])}),
+                        f"{FENCE}python\n{train[0].solution}{FENCE}")
     cfg = ml_collections.ConfigDict(dict(data.default_config(), source="tasks",
                                          path="synthetic:train"))
     assert data.load_pairs(cfg) == pairs

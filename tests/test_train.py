@@ -3,8 +3,10 @@ the skeleton computes a stage's definition; gradient accumulation; a stage plugs
 import json
 import math
 import os
+import re
 import shutil
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,7 +15,7 @@ import optax
 import pytest
 
 from dllm import config as config_lib
-from dllm import data, elbo, metrics, model as model_lib, sharding, train
+from dllm import checkpoint, data, elbo, metrics, model as model_lib, sharding, train
 from dllm import stage as stage_lib
 from dllm import tokenizer as tokenizer_lib
 
@@ -25,6 +27,29 @@ def optimizer_config(**kw):
     c = config_lib.base_config().train
     c.update(kw)
     return c
+
+
+def test_optimizer_decays_kernels_and_embeddings_but_not_biases_and_norm_scales():
+    """One AdamW step with zero gradients (Adam's own update is then 0): kernels and
+    embeddings shrink by the factor 1 - lr * weight_decay, biases and scales stay."""
+    cfg = model_lib.ModelConfig(vocab_size=V + 1, hidden=16, layers=2, heads=2, kv_heads=1,
+                                head_dim=8, mlp=32)
+    params = jax.eval_shape(model_lib.Transformer(cfg).init, jax.random.key(0),
+                            jnp.zeros((1, 8), jnp.int32))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32),
+                          nn.unbox(params["params"]))
+    tx, _ = train.make_optimizer(optimizer_config(steps=10, lr=0.1, warmup_steps=0,
+                                                  weight_decay=0.5))
+    zeros = jax.tree.map(np.zeros_like, params)
+    new = jax.jit(lambda p, g: optax.apply_updates(p, tx.update(g, tx.init(p), p)[0]))(
+        params, zeros)
+    new = flax.traverse_util.flatten_dict(new)
+    for path, old in flax.traverse_util.flatten_dict(params).items():
+        factor = 1.0 if path[-1] in ("bias", "scale") else 1.0 - 0.1 * 0.5
+        np.testing.assert_allclose(new[path], np.asarray(old) * factor, rtol=1e-6,
+                                   err_msg=str(path))
+    assert {path[-1] for path in new} == {"bias", "scale", "kernel", "embedding"}
 
 
 def test_tiny_mdm_learns_a_known_entropy():
@@ -117,13 +142,66 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10"]
 
 
-def test_checkpoint_shape_mismatch_names_the_parameter(tiny_run, tmp_path):
+def _snapshot(workdir):
+    """{relative path: contents} of every file under workdir."""
+    out = {}
+    for root, _, files in os.walk(workdir):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, workdir)] = f.read()
+    return out
+
+
+def test_a_failed_resume_leaves_the_run_byte_for_byte(tiny_run, tmp_path):
+    """Resuming with a model key that changes the checkpoint's shapes fails naming the
+    key, before anything is written: config.json (read by sample / evaluate) and every
+    other file stay as they were."""
     workdir = str(tmp_path / "bad")
     shutil.copytree(tiny_run, workdir)
+    before = _snapshot(workdir)
     config = tiny_run_config()
     config.model.mlp = 96
-    with pytest.raises(ValueError, match="layers/mlp/.*kernel"):
+    config.train.steps = 30
+    with pytest.raises(ValueError, match=r"model.mlp: 128 there, 96 here.*left as it was"):
         train.train_and_evaluate(config, workdir)
+    assert _snapshot(workdir) == before
+
+
+def test_resume_falls_back_past_an_unreadable_checkpoint(tiny_run, tmp_path, capsys):
+    """A truncated array file in the newest checkpoint (20): the resume names the step
+    and the file, moves it aside, resumes from step 10 and trains 11..20 exactly as the
+    first run did."""
+    workdir = str(tmp_path / "corrupt")
+    shutil.copytree(tiny_run, workdir)
+    state_dir = os.path.join(workdir, "checkpoints", "20", "state")
+    arrays = [os.path.join(root, f) for root, _, files in os.walk(state_dir) for f in files
+              if os.sep + "d" + os.sep in os.path.join(root, f)]
+    with open(max(arrays, key=os.path.getsize), "r+b") as f:
+        f.truncate(100)
+    train.train_and_evaluate(tiny_run_config(), workdir)
+    out = capsys.readouterr().out
+    assert re.search(r"checkpoint step 20 \(.*checkpoints/20\) is unreadable: .*"
+                     r"checkpoints/20/state", out), out
+    assert "resuming from step 10, the newest checkpoint that restores" in out
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20", "20.unreadable"]
+    first = metrics.read_metrics(tiny_run)
+    resumed = metrics.read_metrics(workdir)
+    assert [r["step"] for r in resumed] == [r["step"] for r in first]   # each step once
+    for a, b in zip(first[11:], resumed[11:]):
+        assert a["step"] == b["step"] and a["loss"] == b["loss"], (a, b)
+
+
+def test_no_readable_checkpoint_stops_with_one_message(tiny_run, tmp_path):
+    workdir = str(tmp_path / "corrupt_all")
+    shutil.copytree(tiny_run, workdir)
+    for step in ("10", "20"):
+        with open(os.path.join(workdir, "checkpoints", step, "state", "_METADATA"), "w") as f:
+            f.write("{oops")
+    with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint in .* restores "
+                                                          r"\(steps \[20, 10\]"):
+        train.train_and_evaluate(tiny_run_config(), workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
 
 
 def test_unusable_eval_split_fails_before_training(tmp_path):
@@ -193,10 +271,14 @@ def test_gradient_accumulation_equals_the_full_batch_gradient():
 class _ToyBatches(stage_lib.BatchSource):
     """Batches made from the state (as rollouts are): it records what it was given."""
 
+    limit = None   # a finite source: StopIteration after this many batches
+
     def __init__(self, tokens):
         self.tokens, self.calls, self.seen = tokens, 0, []
 
     def next(self, state):
+        if self.calls == self.limit:
+            raise StopIteration
         self.seen.append((int(state.step), jax.device_get(state.params["final_norm"]["scale"]),
                           jax.device_get(state.extra["ref"]["final_norm"]["scale"])))
         self.calls += 1
@@ -208,12 +290,13 @@ class _ToyBatches(stage_lib.BatchSource):
     def set_state(self, state):
         self.calls = state["calls"]
 
-    def metrics(self):
+    def metrics(self, step):
+        assert step == self.calls      # logged every step here
         return {"calls": float(self.calls)}
 
 
 def make_stage(ctx):
-    """A stage for the test below (named "toy" in train.STAGES there): the ELBO loss on
+    """A stage for the test below (named "toy" in stage.STAGES there): the ELBO loss on
     fixed tokens, a reference policy mixed halfway towards the params every 2 steps."""
     tokens = np.random.default_rng(0).integers(0, 100, (8, 16)).astype(np.int32)
     mix = lambda ref, p: jax.tree.map(lambda r, q: 0.5 * r + 0.5 * q, ref, p)
@@ -227,7 +310,7 @@ def make_stage(ctx):
 
 
 def test_a_stage_plugs_in_batches_from_the_state_extra_state_and_eval(monkeypatch, tmp_path):
-    monkeypatch.setitem(train.STAGES, "toy", "test_train")
+    monkeypatch.setitem(stage_lib.STAGES, "toy", "test_train")
     config = tiny_run_config(steps=4)
     config.stage = "toy"
     config.train.update(eval_every=2, log_every=1)
@@ -263,3 +346,14 @@ def test_a_stage_plugs_in_batches_from_the_state_extra_state_and_eval(monkeypatc
     (step, params, restored_ref), = stage["s"].batches.seen
     assert step == 4 and stage["s"].batches.calls == 5
     np.testing.assert_allclose(restored_ref, ref, rtol=1e-6)
+
+
+def test_data_running_out_saves_and_says_so(monkeypatch, tmp_path):
+    monkeypatch.setitem(stage_lib.STAGES, "toy", "test_train")
+    monkeypatch.setattr(_ToyBatches, "limit", 3)
+    config = tiny_run_config(steps=5)
+    config.stage = "toy"
+    config.model.update(hidden=32, layers=1, mlp=64)
+    with pytest.raises(train.DataExhaustedError, match="ran out before step 4.*step 3 is saved"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert os.listdir(tmp_path / "checkpoints") == ["3"]

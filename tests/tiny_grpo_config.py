@@ -13,8 +13,8 @@ def get_config(arg: str = "grpo"):
     if arg == "warmup":
         c = config_lib.load_experiment("experiments/sft.py:tasks_tiny")
         c.data.update(source="sft", eval_fraction=0.0)
-        c.train.update(steps=300, lr=3e-3, warmup_steps=10, eval_every=0, log_every=50)
-        c.checkpoint.update(every=300, keep=1)
+        c.train.update(steps=120, lr=3e-3, warmup_steps=10, eval_every=0, log_every=40)
+        c.checkpoint.update(every=120, keep=1)
     elif arg == "grpo":
         c = config_lib.load_experiment("experiments/coupled_grpo.py:tiny")
         c.init.warmup = ""
