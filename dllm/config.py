@@ -134,3 +134,5 @@ def _check_init(init) -> None:
                       ("hf_dir", "a Hugging Face model directory")):
         if init[key] and not fs.exists(os.path.join(init[key], "config.json")):
             raise FileNotFoundError(f"init.{key}={init[key]!r} is not {what} (no config.json)")
+    if init.warmup and not (init.checkpoint or init.hf_dir):
+        validate(load_experiment(init.warmup))  # before anything trains

@@ -47,6 +47,11 @@
   sft_overflow    a pair longer than seq_len: "truncate" (the prompt is cut from the left,
                   then the response from the right) or "drop" (default "truncate"); the
                   count is logged.
+  sft_response_len  in-memory pair sources: 0 = each row is [prompt][response][pads] up to
+                  seq_len (DiffuCoder's SFT; default); N > 0 = the layout of a rollout of
+                  N tokens: the prompt left-padded to seq_len - N (the padding takes no
+                  part: `valid`), then the response padded with <|dlm_pad|> to N. A model
+                  warmed up for GRPO then sees in training what it sees when it decodes.
   mixture         "prepared" sources by name: {name: {path, weight, sample_weight, epochs}}.
                   A draw comes from source k with probability proportional to
                   (weight_k, or its number of training tokens when every weight is 0) x
@@ -90,7 +95,7 @@ def default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         source="stdlib", path="", text_field="text", seq_len=256, eval_fraction=0.05,
         max_documents=0, tokenizer="", vocab_size=4096, packing="windows",
-        sft_overflow="truncate", mixture={}))
+        sft_overflow="truncate", sft_response_len=0, mixture={}))
 
 
 def validate_config(data_cfg: ml_collections.ConfigDict) -> None:
@@ -102,6 +107,10 @@ def validate_config(data_cfg: ml_collections.ConfigDict) -> None:
             raise ValueError(f"data.{key}={data_cfg[key]!r}; allowed: {allowed}")
     if data_cfg.seq_len < 2:
         raise ValueError(f"data.seq_len={data_cfg.seq_len}; must be at least 2")
+    if data_cfg.sft_response_len and (data_cfg.source not in _PAIR_SOURCES or not
+                                      0 < data_cfg.sft_response_len < data_cfg.seq_len):
+        raise ValueError(f"data.sft_response_len={data_cfg.sft_response_len}: for the sources "
+                         f"{_PAIR_SOURCES} only, and in (0, data.seq_len={data_cfg.seq_len})")
     if not 0 <= data_cfg.eval_fraction < 1:
         raise ValueError(f"data.eval_fraction={data_cfg.eval_fraction}; must be in [0, 1)")
     if data_cfg.max_documents < 0:
@@ -111,6 +120,8 @@ def validate_config(data_cfg: ml_collections.ConfigDict) -> None:
                                 "directory")
     if data_cfg.source == "prepared":
         _mixture_sources(data_cfg)
+    elif data_cfg.source == "tasks":
+        tasks_lib.load_tasks(data_cfg.path)
     elif data_cfg.source != "stdlib":
         resolve_paths(data_cfg.path)
 
@@ -315,6 +326,23 @@ def sft_example(prompt: Sequence[int], response: Sequence[int], seq_len: int,
             "pad_mask": positions >= len(row)}
 
 
+def rollout_sft_example(prompt: Sequence[int], response: Sequence[int], seq_len: int,
+                        response_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """One SFT row in the layout of a rollout of N = response_len tokens: the prompt
+    left-padded (or cut from the left) to P = seq_len - N, then the response cut or
+    padded to N. Returns sft_example's arrays and "valid": bool[S] (False on the left
+    padding, which takes no part in attention or the loss)."""
+    p = seq_len - response_len
+    prompt = np.asarray(prompt[max(len(prompt) - p, 0):], np.int32)
+    response = np.asarray(response[:response_len], np.int32)
+    tokens = np.full(seq_len, pad_id, np.int32)
+    tokens[p - len(prompt):p] = prompt
+    tokens[p:p + len(response)] = response
+    positions = np.arange(seq_len)
+    return {"tokens": tokens, "prompt_mask": positions < p,
+            "pad_mask": positions >= p + len(response), "valid": positions >= p - len(prompt)}
+
+
 def sft_token_pairs(tok: tokenizer_lib.Tokenizer, pairs: Sequence[tuple[Sequence[dict], str]]
                     ) -> tuple[list[list[int]], list[list[int]]]:
     """(prompt ids, response ids) of (prompt messages, response) pairs: the prompt is
@@ -327,30 +355,38 @@ def sft_token_pairs(tok: tokenizer_lib.Tokenizer, pairs: Sequence[tuple[Sequence
 
 
 def sft_examples(tok: tokenizer_lib.Tokenizer, pairs: Sequence[tuple[Sequence[dict], str]],
-                 seq_len: int, overflow: str = "truncate", where: str = "sft"
-                 ) -> dict[str, np.ndarray]:
-    """Renders (prompt messages, response) pairs as fixed-length SFT rows (`sft_example`).
-    Pairs longer than seq_len are truncated or dropped (`overflow`), and counted in the
-    log. Returns {"tokens": int32[n, S], "prompt_mask": bool[n, S], "pad_mask": bool[n, S]}."""
+                 seq_len: int, overflow: str = "truncate", where: str = "sft",
+                 response_len: int = 0) -> dict[str, np.ndarray]:
+    """Renders (prompt messages, response) pairs as fixed-length SFT rows (`sft_example`,
+    or `rollout_sft_example` when response_len > 0). Pairs longer than seq_len (or with
+    a prompt or a response longer than its part) are truncated or dropped (`overflow`),
+    and counted in the log. Returns {"tokens": int32[n, S], "prompt_mask": bool[n, S],
+    "pad_mask": bool[n, S]} (and "valid" with response_len)."""
     prompts, responses = sft_token_pairs(tok, pairs)
-    lengths = np.array([len(p) + len(r) for p, r in zip(prompts, responses)])
-    keep = _overflow_rows(lengths, seq_len, overflow, where)
-    rows = [sft_example(prompts[i], responses[i], seq_len, tok.pad_id) for i in keep]
+    if response_len:
+        over = np.array([len(p) > seq_len - response_len or len(r) > response_len
+                         for p, r in zip(prompts, responses)])
+        make = lambda i: rollout_sft_example(prompts[i], responses[i], seq_len, response_len,
+                                             tok.pad_id)
+    else:
+        over = np.array([len(p) + len(r) > seq_len for p, r in zip(prompts, responses)])
+        make = lambda i: sft_example(prompts[i], responses[i], seq_len, tok.pad_id)
+    rows = [make(i) for i in _overflow_rows(over, seq_len, overflow, where)]
     if not rows:
         raise ValueError(f"{where}: every pair is longer than seq_len={seq_len} (all dropped)")
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def _overflow_rows(lengths: np.ndarray, seq_len: int, overflow: str, where: str) -> np.ndarray:
-    """The indices of the SFT pairs that become rows, logging how many were too long."""
+def _overflow_rows(over: np.ndarray, seq_len: int, overflow: str, where: str) -> np.ndarray:
+    """The indices of the SFT pairs that become rows (over: bool [n], the pairs that do
+    not fit), logging how many were too long."""
     if overflow not in _OVERFLOWS:
         raise ValueError(f"data.sft_overflow {overflow!r}: allowed {_OVERFLOWS}")
-    over = lengths > seq_len
     if over.any():
         logging.warning("%s: %d of %d pairs are longer than seq_len=%d tokens (%.2f%%): %s",
-                        where, over.sum(), len(lengths), seq_len, 100 * over.mean(),
+                        where, over.sum(), len(over), seq_len, 100 * over.mean(),
                         "truncated" if overflow == "truncate" else "dropped")
-    return np.flatnonzero(~over) if overflow == "drop" else np.arange(len(lengths))
+    return np.flatnonzero(~over) if overflow == "drop" else np.arange(len(over))
 
 
 # ----------------------------------------------------------------------------- prepared corpora
@@ -449,7 +485,7 @@ class _SftRows:
                  overflow: str):
         self._corpus, self._seq_len, self._pad_id = corpus, seq_len, pad_id
         self._offsets, self._prompt_lengths = corpus.offsets(), corpus.prompt_lengths()
-        self._pairs = _overflow_rows(np.diff(self._offsets), seq_len, overflow,
+        self._pairs = _overflow_rows(np.diff(self._offsets) > seq_len, seq_len, overflow,
                                      f"{corpus.path} ({corpus.split})")
 
     def __len__(self) -> int:
@@ -556,6 +592,8 @@ def batch_shapes(data_cfg: ml_collections.ConfigDict, batch_size: int) -> dict:
     prepared = data_cfg.source == "prepared"
     if data_cfg.source in _PAIR_SOURCES or (prepared and data_cfg.packing == "sft"):
         keys.update(prompt_mask=np.bool_, pad_mask=np.bool_)
+        if data_cfg.sft_response_len:
+            keys.update(valid=np.bool_)
     elif prepared and data_cfg.packing == "documents":
         keys.update(pad_mask=np.bool_)
     return {k: ((batch_size, data_cfg.seq_len), np.dtype(t)) for k, t in keys.items()}
@@ -581,7 +619,7 @@ def _in_memory_dataset(data_cfg: ml_collections.ConfigDict, tok: tokenizer_lib.T
     items = _split(data_cfg, split)
     if data_cfg.source in _PAIR_SOURCES:
         arrays = sft_examples(tok, items, data_cfg.seq_len, data_cfg.sft_overflow,
-                              f"{data_cfg.path} ({split})")
+                              f"{data_cfg.path} ({split})", data_cfg.sft_response_len)
     else:
         arrays = {"tokens": pack_documents(tok.encode_batch(items), tok.eos_id, data_cfg.seq_len)}
     ds = grain.MapDataset.source(_Rows(arrays))
@@ -602,7 +640,8 @@ def make_dataset(data_cfg: ml_collections.ConfigDict, tok: tokenizer_lib.Tokeniz
 
     Yields dicts of numpy arrays, B = batch_size (per process), S = data_cfg.seq_len:
       pretraining sources: {"tokens": int32[B, S]} (documents packed, each ending in eos);
-      "sft", "tasks" (or packing "sft"): {"tokens", "prompt_mask": bool[B, S], "pad_mask": bool[B, S]};
+      "sft", "tasks" (or packing "sft"): {"tokens", "prompt_mask": bool[B, S], "pad_mask": bool[B, S]}
+        (and "valid": bool[B, S] with sft_response_len);
       packing "documents": {"tokens", "pad_mask"}.
     `iter(ds)` has get_state() / set_state(state) with a JSON-serialisable state.
     """

@@ -5,6 +5,8 @@ A batch is a dict of [B, S] arrays:
   tokens       int32, always
   prompt_mask  bool, optional (SFT): True on the prompt, which is never masked
   pad_mask     bool, optional (SFT): True on the response padding
+  valid        bool, optional: False on positions that take no part at all (the left
+               padding of SFT rows in the rollout layout, data.sft_response_len)
 Each token that may be noised is replaced by the mask token with probability
 1 - alpha(t) (one t per sequence); the loss is the cross-entropy on the masked
 positions weighted by w(t) = -alpha'(t) / (1 - alpha(t)), summed and divided by the
@@ -101,6 +103,8 @@ def loss_masks(batch, rng: Array, cfg: ElboConfig):
     has a valid left neighbour, whose output predicts it (column 0 never noised)."""
     tokens = batch["tokens"]
     valid, clean = _stage1_masks(rng, tokens.shape, cfg)
+    if "valid" in batch:
+        valid = valid & batch["valid"]
     if "prompt_mask" in batch:
         clean = clean | batch["prompt_mask"]
     if "pad_mask" in batch and not cfg.train_on_pad:

@@ -439,7 +439,8 @@ class Rollouts(BatchSource):
         self.pending = None if pending is None else {
             k: np.asarray(v, ROLLOUT_ARRAYS[k]) for k, v in pending.items()}
 
-    def metrics(self) -> dict:
+    def metrics(self, step: int) -> dict:
+        del step
         out = {k: float(np.mean([f[k] for f in self.figures])) for k in
                (self.figures[0] if self.figures else {})}
         out.update(self.times)

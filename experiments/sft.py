@@ -33,11 +33,14 @@ def get_config(arg: str = ""):
     if arg == "tasks_tiny":
         c = base_config("tiny")
         c.model.vocab_size = 512
-        c.data.update(source="tasks", path="synthetic:train", seq_len=128, vocab_size=512,
-                      eval_fraction=0.1)   # 17 of the 172 training tasks: one eval batch
-        c.train.update(steps=400, batch_size=16, lr=2e-3, b2=0.98, warmup_steps=40,
-                       log_every=50, eval_every=400)
-        c.checkpoint.update(every=200, keep=1)
+        # Rows in the layout of coupled_grpo.py:tiny's rollouts (prompts left-padded to
+        # 128 tokens, 32 completion tokens): a tiny model does not carry what it learns
+        # at one canvas length over to another.
+        c.data.update(source="tasks", path="synthetic:train", seq_len=160, sft_response_len=32,
+                      vocab_size=512, eval_fraction=0.03)  # 32 of the 1070 training tasks
+        c.train.update(steps=1000, batch_size=32, lr=3e-3, b2=0.98, warmup_steps=50,
+                       log_every=50, eval_every=1000)
+        c.checkpoint.update(every=250, keep=1)
         c.sample.prompt = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
                            "<|im_start|>user\nWrite a Python function `add_5(x)` that returns "
                            "`x` plus 5.<|im_end|>\n<|im_start|>assistant\n")

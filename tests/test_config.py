@@ -21,14 +21,18 @@ def _config(**changes):
 
 def test_the_base_config_and_every_experiment_variant_validate():
     config_lib.validate(_config())
-    for name, variants in (("pretrain", ("tiny", "adapt", "7b")), ("sft", ("tiny", "7b")),
-                           ("midtrain", ("tiny", "7b"))):
+    for name, variants in (("pretrain", ("tiny", "adapt", "7b")),
+                           ("sft", ("tiny", "tasks_tiny", "7b")), ("midtrain", ("tiny", "7b")),
+                           ("coupled_grpo", ("tiny", "decoupled_tiny", "full_mask_tiny",
+                                             "d1_tiny", "7b"))):
         spec = importlib.util.spec_from_file_location(name, f"{ROOT}/experiments/{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         for variant in variants:
             config = module.get_config(variant)
             config.init.checkpoint = ""     # midtrain's tiny names a run made by pretrain
+            if name == "coupled_grpo" and variant == "7b":
+                config.grpo.tasks = "synthetic:train"   # the recipe's is the user's jsonl
             config.data.path = config.data.path if config.data.source != "sft" else \
                 f"{ROOT}/{config.data.path}"
             config_lib.validate(config)
@@ -57,6 +61,9 @@ def test_the_base_config_and_every_experiment_variant_validate():
     (dict(checkpoint__every=0), r"checkpoint.every=0"),
     (dict(init__checkpoint="/nowhere"), r"init.checkpoint='/nowhere' is not a run directory"),
     (dict(init__hf_dir="/nowhere", init__checkpoint="/x"), r"init.checkpoint and init.hf_dir"),
+    (dict(init__warmup="/nowhere/x.py:tiny"), r"experiment '/nowhere/x.py:tiny': no file"),
+    (dict(data__sft_response_len=32), r"data.sft_response_len=32: for the sources \('sft', "
+                                      r"'tasks'\) only"),
 ], ids=lambda x: str(x)[:40])
 def test_a_bad_value_is_named(changes, message):
     with pytest.raises((ValueError, KeyError, FileNotFoundError), match=message):
@@ -68,3 +75,26 @@ def test_an_unknown_stage_is_named():
     config.stage = "bogus"
     with pytest.raises(ValueError, match=r"stage='bogus'; allowed: \['elbo', 'grpo'\]"):
         config_lib.validate(config)
+
+
+def _grpo_config(**changes):
+    c = config_lib.load_experiment(f"{ROOT}/experiments/coupled_grpo.py:tiny")
+    c.init.warmup = ""
+    for key, value in changes.items():
+        section, name = key.split("__")
+        c[section][name] = value
+    return c
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(grpo__bogus=1), r"config.grpo has unknown keys \['bogus'\]"),
+    (dict(grpo__estimator="exact"), r"grpo.estimator='exact'; allowed"),
+    (dict(grpo__tasks=""), r"config.grpo.tasks is empty"),
+    (dict(train__batch_size=36), r"train.batch_size=36 must be a multiple of grpo.generations=8"),
+    (dict(grpo__max_prompt_len=240), r"grpo.max_prompt_len=240 \+ sample.max_new_tokens=32 "
+                                     r"exceeds data.seq_len=256"),
+], ids=lambda x: str(x)[:40])
+def test_a_bad_grpo_value_is_named(changes, message):
+    config_lib.validate(_grpo_config())
+    with pytest.raises((ValueError, KeyError), match=message):
+        config_lib.validate(_grpo_config(**changes))

@@ -148,7 +148,7 @@ def test_sft_missing_response_names_line(tmp_path):
 
 
 def test_unknown_source_lists_the_allowed_ones(tok):
-    with pytest.raises(ValueError, match="'stdlib', 'text', 'jsonl', 'sft', 'prepared'"):
+    with pytest.raises(ValueError, match="'stdlib', 'text', 'jsonl', 'sft', 'tasks', 'prepared'"):
         data.make_dataset(_cfg(source="csv"), tok, split="train", batch_size=1, seed=0)
 
 
@@ -357,6 +357,33 @@ def test_sft_overflow_drop_and_count(tok, caplog):
     assert "pairs: 1 of 3 pairs are longer than seq_len=48 tokens" in caplog.text
     assert "dropped" in caplog.text
     assert len(data.sft_examples(tok, pairs, seq_len=48)["tokens"]) == 3   # truncate
+
+
+def test_sft_rows_in_the_rollout_layout(tok, caplog):
+    """sft_response_len: the prompt right-aligned at P = seq_len - N behind padding that
+    takes no part, the response padded with pads (trained on) to N; an over-long prompt
+    is cut from the left, an over-long response from the right, or the pair dropped."""
+    pairs = [(_user("add two numbers"), "return a + b"), (_user(" ".join(["long"] * 80)), "ok")]
+    prompt = tok.encode(tok.apply_chat_template(list(pairs[0][0]), True))
+    response = tok.encode("return a + b") + [tok.im_end_id]
+    s, n = 64, 16
+    with caplog.at_level("WARNING"):
+        out = data.sft_examples(tok, pairs, seq_len=s, response_len=n, where="pairs")
+    p = s - n
+    row = out["tokens"][0].tolist()
+    assert row[p - len(prompt):p] == prompt and row[p:p + len(response)] == response
+    assert row[p + len(response):] == [tok.pad_id] * (n - len(response))
+    np.testing.assert_array_equal(out["valid"][0], np.arange(s) >= p - len(prompt))
+    np.testing.assert_array_equal(out["prompt_mask"][0], np.arange(s) < p)
+    np.testing.assert_array_equal(out["pad_mask"][0], np.arange(s) >= p + len(response))
+    long_prompt = tok.encode(tok.apply_chat_template(list(pairs[1][0]), True))
+    assert out["tokens"][1, :p].tolist() == long_prompt[-p:] and out["valid"][1].all()
+    assert "pairs: 1 of 2 pairs are longer than seq_len=64 tokens" in caplog.text
+    dropped = data.sft_examples(tok, pairs, seq_len=s, response_len=n, overflow="drop")
+    assert len(dropped["tokens"]) == 1
+    cut = data.sft_examples(tok, [(_user("x"), "\n".join(f"x{i} = {i}" for i in range(30)))],
+                            seq_len=s, response_len=n)
+    assert cut["tokens"][0, p:].tolist() == tok.encode("\n".join(f"x{i} = {i}" for i in range(30)))[:n]
 
 
 def test_sft_tiny_file(tok):

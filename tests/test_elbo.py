@@ -118,6 +118,19 @@ def test_a_left_padded_rows_first_real_token_is_never_noised():
                                              [0, 1, 1, 1, 0, 0]])
 
 
+def test_a_valid_key_removes_positions_from_attention_and_the_loss():
+    """batch["valid"] (the rollout layout's left padding) narrows valid; the first valid
+    token is never noised; trained-on pads stay valid."""
+    tokens = jnp.zeros((2, 6), jnp.int32)
+    valid_in = jnp.array([[False, False, True, True, True, True], [True] * 6])
+    prompt = jnp.array([[True, True, True, False, False, False], [True] + [False] * 5])
+    pads = jnp.array([[False] * 5 + [True], [False] * 6])
+    valid, noisable = elbo.loss_masks({"tokens": tokens, "valid": valid_in, "prompt_mask": prompt,
+                                       "pad_mask": pads}, jax.random.key(0), elbo.ElboConfig())
+    np.testing.assert_array_equal(valid, valid_in)
+    np.testing.assert_array_equal(noisable, [[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+
+
 @pytest.mark.parametrize("train_on_pad", [True, False])
 def test_sequence_and_token_normalisation_match_numpy(train_on_pad):
     """Four SFT rows with prompts of 2-9 tokens and 0-10 pads: at t ~ 1 (all noisable
