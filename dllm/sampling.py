@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dllm.kernels import argmax
 from dllm.model import KVCache, slice_rows, update_rows
 
 Array = jax.Array
@@ -150,7 +151,7 @@ def _confidence(alg: str, logits: Array, z: Array, lse: Array, prob: Array, x0: 
         return prob
     if alg == "topk_margin":
         top1 = jnp.max(z, -1)
-        is_top1 = jnp.arange(z.shape[-1]) == _argmax(z, top1)[..., None]
+        is_top1 = jnp.arange(z.shape[-1]) == argmax(z, top1)[..., None]
         top2 = jnp.max(jnp.where(is_top1, -jnp.inf, z), -1)
         return jnp.exp(top1 - lse) - jnp.exp(top2 - lse)
     if alg == "entropy":
@@ -161,16 +162,6 @@ def _confidence(alg: str, logits: Array, z: Array, lse: Array, prob: Array, x0: 
     if alg == "random":
         return jax.random.uniform(key, x0.shape)
     return jnp.zeros(x0.shape)  # origin reveals at random; no ranking
-
-
-def _argmax(z: Array, z_max: Array | None = None) -> Array:
-    """argmax over the last axis (first of ties) as a max and a min of float indices
-    (exact below 2^24), reductions XLA:CPU vectorises: 4x faster than its argmax
-    over [4, 272, 2048]. z_max: max(z, -1) if already at hand."""
-    if z_max is None:
-        z_max = jnp.max(z, -1)
-    index = jnp.arange(z.shape[-1], dtype=jnp.float32)
-    return jnp.min(jnp.where(z == z_max[..., None], index, jnp.inf), -1).astype(jnp.int32)
 
 
 def _take(x: Array, idx: Array) -> Array:
@@ -189,9 +180,9 @@ def propose(logits: Array, key, cfg: SampleConfig, mask_id: int, eos_id: int | N
     z_max = jnp.max(z, -1)  # finite: the vocabulary is never all filtered
     lse = z_max + jnp.log(jnp.sum(jnp.exp(z - z_max[..., None]), -1))
     if cfg.temperature > 0:  # Gumbel-max: a sample of softmax(z)
-        x0 = _argmax(z + jax.random.gumbel(k_sample, z.shape))
+        x0 = argmax(z + jax.random.gumbel(k_sample, z.shape))
     else:
-        x0 = _argmax(z, z_max)
+        x0 = argmax(z, z_max)
     prob = jnp.exp(_take(z, x0) - lse)
     confidence = _confidence(cfg.alg, logits, z, lse, prob, x0, k_rule)
     if cfg.suppress_eos:  # rank EOS last and let it count for no parallel commit

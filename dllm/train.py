@@ -99,7 +99,8 @@ def jit_train_step(train_step, state_shardings, mesh):
 
 def model_apply(model: nn.Module):
     """apply_fn(params, tokens, valid=None, lookahead="default", **kw) -> logits; kw
-    are Transformer's cache keywords (cache, window_start, return_kv), used by cached decoding."""
+    are Transformer's keywords: cache, window_start, return_kv (cached decoding) and
+    targets (-> (nll, argmax) instead of logits: the ELBO losses)."""
     def apply_fn(params, tokens, valid=None, lookahead="default", **kw):
         return model.apply({"params": params}, tokens, valid, lookahead=lookahead, **kw)
     return apply_fn
