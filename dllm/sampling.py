@@ -123,15 +123,30 @@ def history(out: Decoded, mask_id: int) -> Array:
 
 # ----------------------------------------------------------------------------- proposals
 
-def _top_p(z: Array, top_p: float) -> Array:
+NUCLEUS_CANDIDATES = 256  # top-p looks for the nucleus among this many tokens first
+
+
+def _nucleus_cutoff(desc: Array, top_p: float) -> Array:
+    """[..., 1] smallest kept probability, from probabilities sorted descending (a
+    prefix of them suffices when it holds the nucleus): a token stays if the mass
+    before it is <= top_p."""
+    kept = jnp.cumsum(desc, axis=-1) - desc <= top_p
+    return jnp.min(jnp.where(kept, desc, jnp.inf), axis=-1, keepdims=True)
+
+
+def _top_p(z: Array, top_p: float, candidates: int = NUCLEUS_CANDIDATES) -> Array:
     """Keep the smallest set of tokens whose probability mass reaches top_p (Dream's
-    rule: a token stays if the mass before it is <= top_p); ties at the cut stay."""
+    rule: a token stays if the mass before it is <= top_p); ties at the cut stay.
+    The nucleus is found among the top `candidates` tokens (top_k, no sort of the
+    vocabulary) when their mass exceeds top_p in every row, as the token after them
+    then starts past top_p; otherwise the whole vocabulary is sorted. Same output."""
     if top_p >= 1.0:
         return z
     probs = jax.nn.softmax(z, axis=-1)
-    desc = jnp.sort(probs, axis=-1)[..., ::-1]
-    kept = jnp.cumsum(desc, axis=-1) - desc <= top_p
-    cutoff = jnp.min(jnp.where(kept, desc, jnp.inf), axis=-1, keepdims=True)
+    top = jax.lax.top_k(probs, min(candidates, probs.shape[-1]))[0]
+    fits = jnp.all(jnp.sum(top, -1) > top_p)
+    cutoff = jax.lax.cond(fits, lambda: _nucleus_cutoff(top, top_p),
+                          lambda: _nucleus_cutoff(jnp.sort(probs, axis=-1)[..., ::-1], top_p))
     return jnp.where(probs >= cutoff, z, -jnp.inf)
 
 
@@ -160,8 +175,24 @@ def _confidence(alg: str, logits: Array, z: Array, lse: Array, prob: Array, x0: 
     if alg == "low_confidence":  # LLaDA: probability under the untempered logits
         return jnp.exp(_take(logits, x0) - jax.nn.logsumexp(logits, -1))
     if alg == "random":
-        return jax.random.uniform(key, x0.shape)
+        return _draw(key, jax.random.uniform)
     return jnp.zeros(x0.shape)  # origin reveals at random; no ranking
+
+
+def position_keys(key, shape) -> Array:
+    """[B, W] PRNG keys, one per row and position: `key` itself when it already is
+    one per position (the sampler passes keys of canvas positions, so a position's
+    draws are the same whichever window it is proposed in), else derived from it."""
+    if key.shape == tuple(shape):
+        return key
+    rows, cols = jnp.indices(shape)
+    return jax.vmap(jax.vmap(lambda r, c: jax.random.fold_in(jax.random.fold_in(key, r), c)))(
+        rows, cols)
+
+
+def _draw(keys: Array, fn) -> Array:
+    """fn(key) at every position of a [B, W] array of keys."""
+    return jax.vmap(jax.vmap(fn))(keys)
 
 
 def _take(x: Array, idx: Array) -> Array:
@@ -172,15 +203,17 @@ def _take(x: Array, idx: Array) -> Array:
 def propose(logits: Array, key, cfg: SampleConfig, mask_id: int, eos_id: int | None):
     """logits [B, W, V] -> (x0 [B, W] proposed tokens, prob [B, W] their probability
     under the sampling distribution (temperature, then top-p, then top-k), confidence
-    [B, W] the rule's score). The mask token is never proposed."""
-    k_sample, k_rule = jax.random.split(key)
+    [B, W] the rule's score). The mask token is never proposed. key: one PRNG key,
+    or one per position [B, W] (see position_keys)."""
+    keys = position_keys(key, logits.shape[:2])
+    k_sample, k_rule = (_draw(keys, lambda k: jax.random.fold_in(k, i)) for i in (0, 1))
     logits = jnp.where(jnp.arange(logits.shape[-1]) == mask_id, -jnp.inf, logits)
     z = logits / cfg.temperature if cfg.temperature > 0 else logits
     z = _top_k(_top_p(z, cfg.top_p), cfg.top_k)
     z_max = jnp.max(z, -1)  # finite: the vocabulary is never all filtered
     lse = z_max + jnp.log(jnp.sum(jnp.exp(z - z_max[..., None]), -1))
     if cfg.temperature > 0:  # Gumbel-max: a sample of softmax(z)
-        x0 = argmax(z + jax.random.gumbel(k_sample, z.shape))
+        x0 = argmax(z + _draw(k_sample, lambda k: jax.random.gumbel(k, z.shape[-1:])))
     else:
         x0 = argmax(z, z_max)
     prob = jnp.exp(_take(z, x0) - lse)
@@ -223,12 +256,14 @@ def select(cfg: SampleConfig, confidence: Array, eligible: Array, k: Array, frac
            key) -> Array:
     """[B, W] bool: the positions to commit. The k best eligible by confidence (or
     k drawn without replacement from softmax(confidence / alg_temp), by Gumbel
-    top-k); `origin`: each eligible position with probability frac [B]."""
+    top-k); `origin`: each eligible position with probability frac [B]. key: one
+    PRNG key, or one per position [B, W] (see position_keys)."""
+    keys = position_keys(key, eligible.shape)
     if cfg.alg == "origin":
-        return eligible & (jax.random.uniform(key, eligible.shape) < frac[:, None])
+        return eligible & (_draw(keys, jax.random.uniform) < frac[:, None])
     score = confidence
     if cfg.alg_temp > 0:
-        score = confidence / cfg.alg_temp + jax.random.gumbel(key, confidence.shape)
+        score = confidence / cfg.alg_temp + _draw(keys, jax.random.gumbel)
     # Eligible first, then by score, ties to the left; rank = inverse permutation.
     by_rank = jnp.lexsort((-score, ~eligible), axis=-1)
     rank = jnp.argsort(by_rank, axis=-1)
@@ -316,9 +351,11 @@ def _step(st: _State, params, rng, cfg: SampleConfig, apply_fn, valid, generated
     logits, cache, refreshed = _window_logits(params, apply_fn, st, valid, window_start, width,
                                               refresh)
 
-    k_propose, k_select = jax.random.split(jax.random.fold_in(rng, st.i))
-    x0, prob, confidence = propose(logits, k_propose, cfg, mask_id, eos_id)
     at = lambda x: slice_rows(x, window_start, width)
+    # Keys of canvas positions: the same draws whatever the window's width.
+    k_propose, k_select = (at(position_keys(k, st.tokens.shape))
+                           for k in jax.random.split(jax.random.fold_in(rng, st.i)))
+    x0, prob, confidence = propose(logits, k_propose, cfg, mask_id, eos_id)
     eligible = at(masked) & (window < (start + block_length)[:, None]) & active[:, None]
     k = how_many(cfg, eligible, prob, j, steps_per_block)
     frac = reveal_fraction(j, steps_per_block, cfg.eps)
@@ -332,14 +369,16 @@ def _step(st: _State, params, rng, cfg: SampleConfig, apply_fn, valid, generated
                   i=st.i + 1, refreshes=st.refreshes + refreshed, cache=cache)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "apply_fn", "mask_id", "pad_id", "eos_id"))
-def _generate(params, prompts, valid, rng, cfg, apply_fn, mask_id, pad_id, eos_id) -> Decoded:
+@functools.partial(jax.jit, static_argnames=("cfg", "apply_fn", "mask_id", "pad_id", "eos_id",
+                                             "span"))
+def _generate(params, prompts, valid, rng, cfg, apply_fn, mask_id, pad_id, eos_id,
+              span) -> Decoded:
     b, p = prompts.shape
     n = cfg.max_new_tokens
     tokens = jnp.concatenate([prompts, jnp.full((b, n), mask_id, prompts.dtype)], axis=1)
     valid = jnp.concatenate([valid, jnp.ones((b, n), bool)], axis=1)
     generated = (tokens == mask_id) & valid
-    block_length = cfg.block_length or p + n  # 0: one block
+    block_length = cfg.block_length or span  # 0: one block
     first, steps_per_block = _block_layout(generated, block_length, cfg.steps)
     cache = None
     if cfg.cache:
@@ -365,6 +404,17 @@ def _generate(params, prompts, valid, rng, cfg, apply_fn, mask_id, pad_id, eos_i
     return Decoded(tokens, st.order, st.confidence, st.steps, st.refreshes)
 
 
+def _generated_span(prompts, valid, n: int, mask_id: int) -> int:
+    """Canvas positions from the earliest generated one (a mask token in a prompt, else
+    the first new token) to the end: the one-block decoding window, so that no prompt
+    position before it is proposed for. P + n when the prompts are traced."""
+    p = prompts.shape[1]
+    if isinstance(prompts, jax.core.Tracer) or isinstance(valid, jax.core.Tracer):
+        return p + n
+    holes = np.asarray((prompts == mask_id) & valid).any(0)
+    return max(1, p + n - (int(holes.argmax()) if holes.any() else p))
+
+
 def generate(params, prompts: Array, rng: Array, cfg: SampleConfig, *, apply_fn: Callable,
              mask_id: int, pad_id: int | None = None, eos_id: int | None = None,
              valid: Array | None = None) -> Decoded:
@@ -382,6 +432,7 @@ def generate(params, prompts: Array, rng: Array, cfg: SampleConfig, *, apply_fn:
     if cfg.suppress_eos and eos_id is None:
         raise ValueError("sample.suppress_eos needs an eos_id")
     return _generate(params, prompts, valid, rng, cfg=cfg, apply_fn=apply_fn, mask_id=mask_id,
+                     span=_generated_span(prompts, valid, cfg.max_new_tokens, mask_id),
                      pad_id=eos_id if pad_id is None else pad_id, eos_id=eos_id)
 
 
