@@ -183,6 +183,8 @@ def position_keys(key, shape) -> Array:
     """[B, W] PRNG keys, one per row and position: `key` itself when it already is
     one per position (the sampler passes keys of canvas positions, so a position's
     draws are the same whichever window it is proposed in), else derived from it."""
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):  # a raw uint32 key (PRNGKey)
+        key = jax.random.wrap_key_data(key)
     if key.shape == tuple(shape):
         return key
     rows, cols = jnp.indices(shape)
