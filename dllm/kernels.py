@@ -7,10 +7,11 @@ Attention (`attention`, chosen by `model.attention`):
           them from q, k and the log-sum-exp (one more q k^T matmul).
   cudnn   cuDNN flash attention (NVIDIA GPUs, bfloat16 / float16): nothing of size
           W x K is kept; the mask enters as an additive bias.
-  pallas  the Pallas splash-attention kernel (TPU): padding as segment ids, a causal
-          or annealing band as a block-sparse mask; lengths must be multiples of 128
-          (others take the xla path). Off a TPU it runs in Pallas interpret mode
-          (slow; for tests and memory plans).
+  pallas  the Pallas splash-attention kernel (TPU): padding as segment ids, a static
+          causal / lookahead band as a block-sparse mask. Calls it cannot take run
+          the xla path: lengths that are not multiples of 128 (decoding windows) and
+          a lookahead that is traced (attention annealing). Off a TPU it runs in
+          Pallas interpret mode (slow; for tests and memory plans).
   auto    cudnn on a GPU in bfloat16 / float16, pallas on a TPU, xla otherwise.
 
 `dense` is the projection matmul. On CPU the backward passes of `dense` and of the
@@ -179,13 +180,15 @@ _xent.defvjp(_xent_fwd, _xent_bwd)
 
 class Mask(NamedTuple):
     """One attention call's mask in the forms the paths take.
-    full: [B, 1, W, K] bool (xla, cudnn). q_valid [B, W], k_valid [B, K] bool and band
-    [W, K] bool or None = every key (pallas: padding as segment ids, the band as a
-    block-sparse mask)."""
+    full: [B, 1, W, K] bool (xla, cudnn). For pallas: q_valid [B, W] and k_valid [B, K]
+    bool (padding, as segment ids) and band: None = every key, or a NumPy [W, K] bool
+    array (static: a block-sparse mask); static_band False when the band is traced
+    (then pallas takes the xla path)."""
     full: Array
     q_valid: Array
     k_valid: Array
-    band: Array | None
+    band: np.ndarray | None = None
+    static_band: bool = True
 
 
 def resolve(impl: str, dtype) -> str:
@@ -208,7 +211,8 @@ def attention(q: Array, k: Array, v: Array, mask: Mask, impl: str) -> Array:
             raise ValueError(f"model.attention='cudnn' needs model.dtype bfloat16 (or float16), "
                              f"got {q.dtype}")
         return jax.nn.dot_product_attention(q, k, v, mask=mask.full, implementation="cudnn")
-    if impl == "pallas" and q.shape[1] % _PALLAS_TILE == 0 and k.shape[1] % _PALLAS_TILE == 0:
+    if (impl == "pallas" and mask.static_band and q.shape[1] % _PALLAS_TILE == 0
+            and k.shape[1] % _PALLAS_TILE == 0):
         return _splash_sharded(q, k, v, mask)
     b, w, h, d = q.shape
     kv = k.shape[2]
@@ -272,14 +276,12 @@ def _block(n: int) -> int:
 
 def _splash(q, k, v, q_valid, k_valid, band):
     """Splash attention on [B, H, W, D] / [B, KV, K, D] (q pre-scaled); one kernel,
-    vmapped over the batch. band: [W, K] bool or None."""
+    vmapped over the batch. band: NumPy [W, K] bool or None."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as splash, splash_attention_mask as splash_mask)
     heads, w, kv_len = q.shape[1], q.shape[2], k.shape[2]
-    if band is None:
-        head_mask = splash_mask.MultiHeadMask([splash_mask.FullMask((w, kv_len))] * heads)
-    else:
-        head_mask = jnp.broadcast_to(band, (heads, w, kv_len))
+    one = splash_mask.FullMask((w, kv_len)) if band is None else splash_mask.NumpyMask(band)
+    head_mask = splash_mask.MultiHeadMask([one] * heads)
     bq, bk = _block(w), _block(kv_len)
     sizes = splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
                               block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq,
@@ -299,19 +301,15 @@ def _splash_sharded(q, k, v, mask: Mask):
     to_heads = lambda t: jnp.swapaxes(t, 1, 2)
     args = (to_heads(q * jnp.asarray(scale, q.dtype)), to_heads(k), to_heads(v),
             mask.q_valid, mask.k_valid)
-    band = mask.band
+    per_device = functools.partial(_splash, band=mask.band)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return to_heads(_splash(*args, band))
+        return to_heads(per_device(*args))
     batch, heads = nn.logical_to_mesh_axes(("batch", "act_heads"))
     head_devices = int(np.prod([mesh.shape[a] for a in np.atleast_1d(heads)])) if heads else 1
     if q.shape[2] % head_devices or k.shape[2] % head_devices:
         heads = None
     rows, by_head = P(batch), P(batch, heads)
-    specs = (by_head, by_head, by_head, rows, rows)
-    if band is None:
-        fn = lambda *a: _splash(*a, None)
-    else:  # the band goes in whole to every device
-        fn, specs, args = _splash, specs + (P(),), args + (band,)
-    fn = jax.shard_map(fn, in_specs=specs, out_specs=by_head, check_vma=False)
+    fn = jax.shard_map(per_device, in_specs=(by_head, by_head, by_head, rows, rows),
+                       out_specs=by_head, check_vma=False)
     return to_heads(fn(*args))

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from dllm import kernels
@@ -268,10 +269,14 @@ def attention_masks(cfg: ModelConfig, valid: Array, lookahead, key_valid: Array 
     """The mask of one call in the forms `cfg.attention`'s path takes (see
     attention_mask; key_valid: the canvas's in a window call)."""
     full = attention_mask(valid, lookahead, key_valid)
-    band = None
-    if lookahead is not None and kernels.resolve(cfg.attention, cfg.dtype) == "pallas":
-        band = attention_mask(jnp.ones((1, valid.shape[1]), bool), lookahead)[0, 0]
-    return kernels.Mask(full, valid, valid if key_valid is None else key_valid, band)
+    key_valid = valid if key_valid is None else key_valid
+    if lookahead is None:
+        return kernels.Mask(full, valid, key_valid)
+    if isinstance(lookahead, (int, np.integer)):  # static: the band in NumPy, as above
+        s = valid.shape[1]
+        band = np.arange(s)[None, :] <= np.arange(s)[:, None] + int(lookahead)
+        return kernels.Mask(full, valid, key_valid, band)
+    return kernels.Mask(full, valid, key_valid, static_band=False)
 
 
 class Attention(nn.Module):

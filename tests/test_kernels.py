@@ -89,7 +89,7 @@ def qkv(seed=0):
 
 
 def masks(band=None):
-    """Row 0 unpadded, row 1 with 37 left pads; `band` [S, S] or None."""
+    """Row 0 unpadded, row 1 with 37 left pads; `band` NumPy [S, S] or None."""
     valid = jnp.arange(S)[None, :] >= jnp.array([[0], [37]])
     full = valid[:, None, :, None] & valid[:, None, None, :]
     if band is not None:
@@ -134,7 +134,7 @@ def test_pallas_splash_attention_matches_xla_with_padding():
 
 
 def test_pallas_splash_attention_matches_xla_with_a_lookahead_band():
-    i, j = jnp.arange(S)[:, None], jnp.arange(S)[None, :]
+    i, j = np.arange(S)[:, None], np.arange(S)[None, :]
     check_path_matches_xla("pallas", *masks(band=j <= i + 5), seed=4)
 
 
