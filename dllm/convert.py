@@ -434,8 +434,9 @@ def _copy_side_files(src: str, dst: str, skip=()):
 def _run_config(fields: dict, hf_dir: str, architecture: str):
     """A run's config.json contents: the stage defaults with this model."""
     c = config_lib.base_config("tiny")
-    def shape(d):  # the fields a preset fixes (dtype and remat are per run)
-        return {k: v for k, v in d.items() if k not in ("dtype", "param_dtype", "remat")}
+    def shape(d):  # the fields a preset fixes (dtypes, remat and kernels are per run)
+        return {k: v for k, v in d.items()
+                if k not in ("dtype", "param_dtype", "remat", "attention", "xent_chunk")}
     matches = [n for n in model_lib.PRESETS if shape(model_lib.preset(n)) == shape(fields)]
     c.model = ml_collections.ConfigDict({**fields, "preset": matches[0] if matches else ""})
     c.hf = dict(source=os.path.abspath(hf_dir), architecture=architecture)

@@ -6,7 +6,8 @@ Attention (`attention`, chosen by `model.attention`):
           layer at a time and are not kept for the backward pass, which recomputes
           them from q, k and the log-sum-exp (one more q k^T matmul).
   cudnn   cuDNN flash attention (NVIDIA GPUs, bfloat16 / float16): nothing of size
-          W x K is kept; the mask enters as an additive bias.
+          W x K is kept; the mask enters as an additive bias. Self-attention calls
+          only (W = K); the sampler's window calls against a KV cache take xla.
   pallas  the Pallas splash-attention kernel (TPU): padding as segment ids, a static
           causal / lookahead band as a block-sparse mask. Calls it cannot take run
           the xla path: lengths that are not multiples of 128 (decoding windows) and
@@ -210,33 +211,42 @@ def attention(q: Array, k: Array, v: Array, mask: Mask, impl: str) -> Array:
         if q.dtype not in (jnp.bfloat16, jnp.float16):
             raise ValueError(f"model.attention='cudnn' needs model.dtype bfloat16 (or float16), "
                              f"got {q.dtype}")
-        return jax.nn.dot_product_attention(q, k, v, mask=mask.full, implementation="cudnn")
+        if q.shape[1] == k.shape[1]:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask.full, implementation="cudnn")
     if (impl == "pallas" and mask.static_band and q.shape[1] % _PALLAS_TILE == 0
             and k.shape[1] % _PALLAS_TILE == 0):
         return _splash_sharded(q, k, v, mask)
+    return _xla_attention(q, k, v, mask.full)
+
+
+def _xla_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """The xla path: q [B, W, H, D], k and v [B, K, KV, D], mask [B, 1, W, K]."""
     b, w, h, d = q.shape
     kv = k.shape[2]
-    # [B, KV, G, W, D]: the G query heads of a K/V head are one matmul's rows.
-    grouped = jnp.moveaxis(q.reshape(b, w, kv, h // kv, d), 1, 3)
-    out = _softmax_attention(grouped * jnp.asarray(d ** -0.5, q.dtype),
-                             jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask.full)
-    return jnp.moveaxis(out, 3, 1).reshape(b, w, h, d)
+    # [B, KV, G * W, D]: the G query heads of a K/V head are the rows of one matmul.
+    rows = jnp.moveaxis(q.reshape(b, w, kv, h // kv, d), 1, 3).reshape(b, kv, -1, d)
+    out = _softmax_attention(rows * jnp.asarray(d ** -0.5, q.dtype),
+                             jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask)
+    return jnp.moveaxis(out.reshape(b, kv, h // kv, w, d), 3, 1).reshape(b, w, h, d)
 
 
 _MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite: a row without keys stays finite
 
 
 def _scores(q, k, mask):
-    """float32 [B, KV, G, W, K] scores of q [B, KV, G, W, D] (scaled) against
+    """float32 [B, KV, G * W, K] scores of q [B, KV, G * W, D] (scaled) against
     k [B, KV, K, D]; masked entries at _MASKED (mask: [B, 1, W, K])."""
-    s = jnp.einsum("bngwd,bnkd->bngwk", q, k, preferred_element_type=jnp.float32)
-    return jnp.where(mask[:, :, None], s, _MASKED)
+    s = jnp.einsum("bnrd,bnkd->bnrk", q, k, preferred_element_type=jnp.float32)
+    b, n, r, kv_len = s.shape
+    w = mask.shape[2]
+    s = jnp.where(mask[:, :, None], s.reshape(b, n, r // w, w, kv_len), _MASKED)
+    return s.reshape(b, n, r, kv_len)
 
 
 @jax.custom_vjp
 def _softmax_attention(q, k, v, mask):
-    """softmax(q k^T) v per K/V head: q [B, KV, G, W, D] (scaled), k and v
-    [B, KV, K, D], mask [B, 1, W, K] -> [B, KV, G, W, D]."""
+    """softmax(q k^T) v per K/V head: q [B, KV, G * W, D] (scaled), k and v
+    [B, KV, K, D], mask [B, 1, W, K] -> [B, KV, G * W, D]."""
     return _softmax_attention_fwd(q, k, v, mask)[0]
 
 
@@ -245,7 +255,7 @@ def _softmax_attention_fwd(q, k, v, mask):
     top = jnp.max(s, -1, keepdims=True)
     p = jnp.exp(s - top)
     total = jnp.sum(p, -1, keepdims=True)
-    out = jnp.einsum("bngwk,bnkd->bngwd", p.astype(v.dtype), v,
+    out = jnp.einsum("bnrk,bnkd->bnrd", p.astype(v.dtype), v,
                      preferred_element_type=jnp.float32) / total
     out = out.astype(q.dtype)
     return out, (q, k, v, mask, out, top + jnp.log(total))
@@ -255,14 +265,14 @@ def _softmax_attention_bwd(res, g):
     q, k, v, mask, out, lse = res
     p = jnp.exp(_scores(q, k, mask) - lse)
     p, g = _materialised(p.astype(v.dtype), g)
-    # The gradients of k and v contract over the query rows (G, W), the major axes of
-    # both operands: computed transposed ([D, K]), so only the small operand moves.
-    dv = jnp.einsum("bngwd,bngwk->bndk", g, p, preferred_element_type=jnp.float32)
-    dp = jnp.einsum("bngwd,bnkd->bngwk", g, v, preferred_element_type=jnp.float32)
+    # The gradients of k and v contract over the query rows, the major axis of both
+    # operands: computed transposed ([D, K]), so only the small operand moves.
+    dv = jnp.einsum("bnrd,bnrk->bndk", g, p, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bnrd,bnkd->bnrk", g, v, preferred_element_type=jnp.float32)
     delta = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
     ds, = _materialised((p * (dp - delta)).astype(q.dtype))
-    dq = jnp.einsum("bngwk,bnkd->bngwd", ds, k, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("bngwd,bngwk->bndk", q, ds, preferred_element_type=jnp.float32)
+    dq = jnp.einsum("bnrk,bnkd->bnrd", ds, k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bnrd,bnrk->bndk", q, ds, preferred_element_type=jnp.float32)
     return (dq.astype(q.dtype), jnp.swapaxes(dk, 2, 3).astype(k.dtype),
             jnp.swapaxes(dv, 2, 3).astype(v.dtype), None)
 

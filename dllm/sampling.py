@@ -209,16 +209,17 @@ def propose(logits: Array, key, cfg: SampleConfig, mask_id: int, eos_id: int | N
     or one per position [B, W] (see position_keys)."""
     keys = position_keys(key, logits.shape[:2])
     k_sample, k_rule = (_draw(keys, lambda k: jax.random.fold_in(k, i)) for i in (0, 1))
-    logits = jnp.where(jnp.arange(logits.shape[-1]) == mask_id, -jnp.inf, logits)
+    logits = logits.at[..., mask_id].set(-jnp.inf)
     z = logits / cfg.temperature if cfg.temperature > 0 else logits
     z = _top_k(_top_p(z, cfg.top_p), cfg.top_k)
     z_max = jnp.max(z, -1)  # finite: the vocabulary is never all filtered
     lse = z_max + jnp.log(jnp.sum(jnp.exp(z - z_max[..., None]), -1))
     if cfg.temperature > 0:  # Gumbel-max: a sample of softmax(z)
         x0 = argmax(z + _draw(k_sample, lambda k: jax.random.gumbel(k, z.shape[-1:])))
-    else:
+        prob = jnp.exp(_take(z, x0) - lse)
+    else:  # z[x0] is z_max: no gather
         x0 = argmax(z, z_max)
-    prob = jnp.exp(_take(z, x0) - lse)
+        prob = jnp.exp(z_max - lse)
     confidence = _confidence(cfg.alg, logits, z, lse, prob, x0, k_rule)
     if cfg.suppress_eos:  # rank EOS last and let it count for no parallel commit
         is_eos = x0 == eos_id
