@@ -25,12 +25,11 @@ whole: `chunk` positions at a time, forward and backward (which recomputes them)
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 from jax.sharding import PartitionSpec as P
 
 Array = jax.Array
@@ -179,17 +178,19 @@ _xent.defvjp(_xent_fwd, _xent_bwd)
 
 # ----------------------------------------------------------------------------- attention
 
-class Mask(NamedTuple):
+@struct.dataclass
+class Mask:
     """One attention call's mask in the forms the paths take.
     full: [B, 1, W, K] bool (xla, cudnn). For pallas: q_valid [B, W] and k_valid [B, K]
-    bool (padding, as segment ids) and band: None = every key, or a NumPy [W, K] bool
-    array (static: a block-sparse mask); static_band False when the band is traced
-    (then pallas takes the xla path)."""
+    bool (padding, as segment ids) and, static (not traced through jit / scan / remat),
+    lookahead: None = every key, or an int: query i sees keys j <= i + lookahead (a
+    block-sparse mask); static_band False when the lookahead is traced (then pallas
+    takes the xla path)."""
     full: Array
     q_valid: Array
     k_valid: Array
-    band: np.ndarray | None = None
-    static_band: bool = True
+    lookahead: int | None = struct.field(pytree_node=False, default=None)
+    static_band: bool = struct.field(pytree_node=False, default=True)
 
 
 def resolve(impl: str, dtype) -> str:
@@ -284,13 +285,16 @@ def _block(n: int) -> int:
     return max(b for b in (_PALLAS_TILE, 2 * _PALLAS_TILE, 4 * _PALLAS_TILE) if n % b == 0)
 
 
-def _splash(q, k, v, q_valid, k_valid, band):
+def _splash(q, k, v, q_valid, k_valid, lookahead):
     """Splash attention on [B, H, W, D] / [B, KV, K, D] (q pre-scaled); one kernel,
-    vmapped over the batch. band: NumPy [W, K] bool or None."""
+    vmapped over the batch. lookahead: None or a static int (see Mask)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as splash, splash_attention_mask as splash_mask)
     heads, w, kv_len = q.shape[1], q.shape[2], k.shape[2]
-    one = splash_mask.FullMask((w, kv_len)) if band is None else splash_mask.NumpyMask(band)
+    if lookahead is None:
+        one = splash_mask.FullMask((w, kv_len))
+    else:  # model.attention_mask's band, in NumPy
+        one = splash_mask.NumpyMask(np.arange(kv_len)[None] <= np.arange(w)[:, None] + lookahead)
     head_mask = splash_mask.MultiHeadMask([one] * heads)
     bq, bk = _block(w), _block(kv_len)
     sizes = splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
@@ -311,7 +315,7 @@ def _splash_sharded(q, k, v, mask: Mask):
     to_heads = lambda t: jnp.swapaxes(t, 1, 2)
     args = (to_heads(q * jnp.asarray(scale, q.dtype)), to_heads(k), to_heads(v),
             mask.q_valid, mask.k_valid)
-    per_device = functools.partial(_splash, band=mask.band)
+    per_device = functools.partial(_splash, lookahead=mask.lookahead)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return to_heads(per_device(*args))

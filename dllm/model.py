@@ -272,10 +272,8 @@ def attention_masks(cfg: ModelConfig, valid: Array, lookahead, key_valid: Array 
     key_valid = valid if key_valid is None else key_valid
     if lookahead is None:
         return kernels.Mask(full, valid, key_valid)
-    if isinstance(lookahead, (int, np.integer)):  # static: the band in NumPy, as above
-        s = valid.shape[1]
-        band = np.arange(s)[None, :] <= np.arange(s)[:, None] + int(lookahead)
-        return kernels.Mask(full, valid, key_valid, band)
+    if isinstance(lookahead, (int, np.integer)):  # static: a block-sparse mask for pallas
+        return kernels.Mask(full, valid, key_valid, lookahead=int(lookahead))
     return kernels.Mask(full, valid, key_valid, static_band=False)
 
 

@@ -72,8 +72,7 @@ def test_resolve_picks_xla_on_cpu_and_rejects_unknown_paths():
     with pytest.raises(ValueError, match="model.attention='flash'"):
         K.resolve("flash", "float32")
     q = jnp.zeros((1, 4, 2, 8))
-    mask = K.Mask(jnp.ones((1, 1, 4, 4), bool), jnp.ones((1, 4), bool), jnp.ones((1, 4), bool),
-                  None)
+    mask = K.Mask(jnp.ones((1, 1, 4, 4), bool), jnp.ones((1, 4), bool), jnp.ones((1, 4), bool))
     with pytest.raises(ValueError, match="bfloat16"):
         K.attention(q, q, q, mask, "cudnn")
 
@@ -88,13 +87,14 @@ def qkv(seed=0):
             normal(seed + 2, (B, S, KV, D)))
 
 
-def masks(band=None):
-    """Row 0 unpadded, row 1 with 37 left pads; `band` NumPy [S, S] or None."""
+def masks(lookahead=None):
+    """Row 0 unpadded, row 1 with 37 left pads; key j visible from query i if
+    j <= i + lookahead (None: every key)."""
     valid = jnp.arange(S)[None, :] >= jnp.array([[0], [37]])
     full = valid[:, None, :, None] & valid[:, None, None, :]
-    if band is not None:
-        full = full & band[None, None]
-    return K.Mask(full, valid, valid, band), valid
+    if lookahead is not None:
+        full = full & (jnp.arange(S)[None, :] <= jnp.arange(S)[:, None] + lookahead)
+    return K.Mask(full, valid, valid, lookahead), valid
 
 
 def check_path_matches_xla(path, mask, valid, seed=0):
@@ -134,8 +134,7 @@ def test_pallas_splash_attention_matches_xla_with_padding():
 
 
 def test_pallas_splash_attention_matches_xla_with_a_lookahead_band():
-    i, j = np.arange(S)[:, None], np.arange(S)[None, :]
-    check_path_matches_xla("pallas", *masks(band=j <= i + 5), seed=4)
+    check_path_matches_xla("pallas", *masks(lookahead=5), seed=4)
 
 
 def test_pallas_splash_attention_under_a_mesh_runs_per_device():
@@ -151,7 +150,7 @@ def test_pallas_falls_back_to_xla_off_its_tile():
     """Lengths that are not multiples of 128 (a decoding window) take the XLA path."""
     q, k, v = (a[:, :40] for a in qkv())
     valid = jnp.ones((B, 40), bool)
-    mask = K.Mask(valid[:, None, :, None] & valid[:, None, None, :], valid, valid, None)
+    mask = K.Mask(valid[:, None, :, None] & valid[:, None, None, :], valid, valid)
     np.testing.assert_array_equal(K.attention(q, k, v, mask, "pallas"),
                                   K.attention(q, k, v, mask, "xla"))
 
