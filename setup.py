@@ -5,7 +5,7 @@ setup(
     name="dllm",
     version="0.1.0",
     description="Masked diffusion language models for code (DiffuCoder, coupled-GRPO) in JAX/Flax",
-    packages=find_packages(include=["dllm", "dllm.*"]),
+    packages=find_packages(include=["dllm", "dllm.*", "launch", "launch.*"]),
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.7",
@@ -33,6 +33,10 @@ setup(
     extras_require={
         # torch / transformers only for parity tests against the reference Qwen2;
         # torch pinned to the CPU wheel (an unpinned torch pulls GBs of CUDA packages).
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.23"],
+        # fsspec: the tests' in-memory gs:// (dllm.fs).
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.23", "fsspec"],
+        # TPU VM workers (launch.tpu setup): the TPU build of JAX; gcsfs is what etils.epath
+        # (dllm.fs, orbax) reaches gs:// run directories through without TensorFlow.
+        "tpu": ["jax[tpu]", "gcsfs"],
     },
 )

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dllm import model as model_lib
-from dllm import sampling, train
+from dllm import runs, sampling
 
 CODE_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef list_files(path):\n",
                 "class Stack:\n    def __init__(self):\n", "def parse_args(argv):\n"]
@@ -84,10 +84,10 @@ def setup(name: str, batch: int, prompt_len: int, workdir: str | None, dtype: st
         mask_id = cfg.vocab_size - 1
         prompts = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, mask_id)
         return model, params, prompts, jnp.ones(prompts.shape, bool), mask_id
-    _, model, params, tok = train.load_run(workdir)
+    run = runs.load_run(workdir)
     texts = [CODE_PROMPTS[i % len(CODE_PROMPTS)] for i in range(batch)]
-    prompts, valid = sampling.encode_prompts(tok, texts)
-    return model, params, jnp.asarray(prompts), jnp.asarray(valid), tok.mask_id
+    prompts, valid = sampling.encode_prompts(run.tokenizer, texts)
+    return run.model, run.params, jnp.asarray(prompts), jnp.asarray(valid), run.tokenizer.mask_id
 
 
 def modes(n: int, block: int, args) -> dict[str, sampling.SampleConfig]:
@@ -104,7 +104,7 @@ def modes(n: int, block: int, args) -> dict[str, sampling.SampleConfig]:
 def bench(name, args, batch: int, workdir=None) -> dict:
     model, params, prompts, valid, mask_id = setup(name, batch, args.prompt_len, workdir,
                                                    args.dtype)
-    apply_fn = train.model_apply(model)
+    apply_fn = model_lib.model_apply(model)
     n, b = args.new_tokens, batch
     canvas = jnp.concatenate([prompts, jnp.full((b, n), mask_id, prompts.dtype)], 1)
     canvas_valid = jnp.concatenate([valid, jnp.ones((b, n), bool)], 1)

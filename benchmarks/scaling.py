@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.train_step import device_name, time_steps  # noqa: E402
-from dllm import config as config_lib, metrics, model as model_lib, sharding, train  # noqa: E402
+from dllm import config as config_lib, elbo, metrics, model as model_lib, sharding, train  # noqa: E402
 
 # (preset, global batch, sequence length): batches divide 8 devices.
 SHAPES = {"tiny": (32, 128), "100m": (8, 128)}
@@ -49,7 +49,8 @@ def build_step(preset: str, n: int, axis: str, dtype: str):
     tx, _ = train.make_optimizer(config.train)
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:n])
     state, shardings = train.init_state(model, tx, 0, mesh, sharding.DEFAULT_RULES)
-    loss_fn = train.stage_loss(config, model, mask_id=config.model.vocab_size - 1)
+    loss_fn = elbo.stage_loss(config.loss, model_lib.model_apply(model),
+                              config.model.vocab_size - 1)
     tokens = np.random.default_rng(0).integers(0, config.model.vocab_size - 1, (batch, seq),
                                                dtype=np.int32)
     with sharding.activate(mesh, sharding.DEFAULT_RULES):

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dllm import config as config_lib, metrics, model as model_lib, sharding, train  # noqa: E402
+from dllm import config as config_lib, elbo, metrics, model as model_lib, sharding, train  # noqa: E402
 
 # (global batch, sequence length) per preset
 SHAPES = {"tiny": (32, 128), "100m": (4, 512), "qwen2.5-coder-1.5b": (4, 2048)}
@@ -88,7 +88,8 @@ class DllmStep:
         tx, _ = train.make_optimizer(config.train)
         mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
         self.state, shardings = train.init_state(model, tx, 0, mesh, sharding.DEFAULT_RULES)
-        loss_fn = train.stage_loss(config, model, self.cfg.vocab_size - 1)
+        loss_fn = elbo.stage_loss(config.loss, model_lib.model_apply(model),
+                                  self.cfg.vocab_size - 1)
         tokens = np.random.default_rng(0).integers(0, self.cfg.vocab_size - 1, (batch, seq),
                                                    dtype=np.int32)
         with sharding.activate(mesh, sharding.DEFAULT_RULES):

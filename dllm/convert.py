@@ -44,8 +44,10 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from dllm import checkpoint as checkpoint_lib
+from dllm import cli
 from dllm import config as config_lib
 from dllm import model as model_lib
+from dllm import runs
 from dllm import sharding as sharding_lib
 from dllm import tokenizer as tokenizer_lib
 
@@ -194,17 +196,10 @@ class Slot:
         return np.ascontiguousarray(x.reshape(self.hf_shape))
 
 
-def abstract_params(cfg: model_lib.ModelConfig):
-    """The boxed (nn.LogicallyPartitioned) tree of ShapeDtypeStructs of the params."""
-    init = functools.partial(model_lib.Transformer(cfg).init, jax.random.key(0),
-                             jnp.zeros((1, 1), jnp.int32))
-    return jax.eval_shape(init)["params"]
-
-
 def tensor_table(cfg: model_lib.ModelConfig) -> dict[str, Slot]:
     """HF tensor name -> Slot, in HF's order (embedding, layer by layer, norm, head)."""
     shapes = {tuple(k.key for k in path): leaf.shape for path, leaf in
-              jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_params(cfg)))[0]}
+              jax.tree_util.tree_flatten_with_path(nn.unbox(model_lib.abstract_params(cfg)))[0]}
     table = {"model.embed_tokens.weight": Slot(("embed", "embedding"), None,
                                                shapes[("embed", "embedding")], "same")}
     for i in range(cfg.layers):
@@ -320,11 +315,6 @@ def _zeros(shape, dtype, sharding) -> jax.Array:
     return jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=sharding)()
 
 
-def param_shardings(cfg: model_lib.ModelConfig, mesh, rules=sharding_lib.DEFAULT_RULES):
-    """NamedShardings of the params on `mesh` from their logical axis names."""
-    return sharding_lib.logical_shardings(abstract_params(cfg), mesh, rules)
-
-
 def load_hf_params(hf_dir: str, cfg: model_lib.ModelConfig, shardings=None, dtype=None):
     """The params of `cfg` from the safetensors in `hf_dir`.
 
@@ -337,7 +327,7 @@ def load_hf_params(hf_dir: str, cfg: model_lib.ModelConfig, shardings=None, dtyp
     found = scan_safetensors(hf_dir)
     _check_tensors(found, table, hf_dir)
     dtype = jnp.dtype(dtype or cfg.param_dtype)
-    shapes = _flat(nn.unbox(abstract_params(cfg)))
+    shapes = _flat(nn.unbox(model_lib.abstract_params(cfg)))
     if shardings is None:
         flat_sh = dict.fromkeys(shapes, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     else:
@@ -365,7 +355,7 @@ def load_hf(hf_dir: str, *, dtype: str | None = None, causal: bool | None = None
     """
     cfg = model_lib.config_from_dict(
         model_config_from_hf(read_hf_config(hf_dir), dtype=dtype, causal=causal))
-    shardings = None if mesh is None else param_shardings(cfg, mesh, rules)
+    shardings = None if mesh is None else runs.param_shardings(cfg, mesh, rules)
     return model_lib.Transformer(cfg), load_hf_params(hf_dir, cfg, shardings)
 
 
@@ -431,15 +421,20 @@ def _copy_side_files(src: str, dst: str, skip=()):
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
 
 
-def _run_config(fields: dict, hf_dir: str, architecture: str):
-    """A run's config.json contents: the stage defaults with this model."""
-    c = config_lib.base_config("tiny")
+def _run_config(fields: dict, hf_dir: str, hf_config: dict) -> ml_collections.ConfigDict:
+    """An imported run's config.json contents: the model, its source (with the context
+    it declares, runs.max_len), and the default decoding settings (no stage's data or
+    training keys: a run that trains from it brings its own experiment file,
+    --config.init.checkpoint=THIS_DIR)."""
     def shape(d):  # the fields a preset fixes (dtypes, remat and kernels are per run)
         return {k: v for k, v in d.items()
                 if k not in ("dtype", "param_dtype", "remat", "attention", "xent_chunk")}
     matches = [n for n in model_lib.PRESETS if shape(model_lib.preset(n)) == shape(fields)]
-    c.model = ml_collections.ConfigDict({**fields, "preset": matches[0] if matches else ""})
-    c.hf = dict(source=os.path.abspath(hf_dir), architecture=architecture)
+    c = ml_collections.ConfigDict()
+    c.model = {**fields, "preset": matches[0] if matches else ""}
+    c.hf = dict(source=os.path.abspath(hf_dir), architecture=hf_architecture(hf_config),
+                max_position_embeddings=hf_config.get("max_position_embeddings"))
+    c.sample = config_lib.base_config().sample
     return c
 
 
@@ -464,39 +459,16 @@ def import_hf(hf_dir: str, workdir: str, *, dtype: str | None = None,
     if hf_config.get("mask_token_id", tok.mask_id) != tok.mask_id:
         raise ValueError(f"{hf_dir}: config.json mask_token_id={hf_config['mask_token_id']} "
                          f"but the tokenizer's {tokenizer_lib.MASK} is {tok.mask_id}")
-    mesh = sharding_lib.make_mesh(dict(data=1, fsdp=-1, tensor=1))
-    params = load_hf_params(hf_dir, cfg, param_shardings(cfg, mesh))
+    mesh = sharding_lib.make_mesh(runs.READ_MESH)
+    params = load_hf_params(hf_dir, cfg, runs.param_shardings(cfg, mesh))
     if jax.process_index() == 0:
         _copy_side_files(hf_dir, os.path.join(workdir, "hf"))
         tok.save(os.path.join(workdir, "tokenizer.json"))
-        config = _run_config(fields, hf_dir, hf_architecture(hf_config))
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2)
+        runs.write_config(_run_config(fields, hf_dir, hf_config), workdir)
     ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 1, None)
     ckpt.save(0, {"step": jnp.int32(0), "params": params}, {}, force=True)
     ckpt.close()
     return workdir
-
-
-def _run_tokenizer(workdir: str) -> str:
-    for name in ("tokenizer.json", "tokenizer.model"):
-        if os.path.exists(os.path.join(workdir, name)):
-            return os.path.join(workdir, name)
-    raise FileNotFoundError(f"run directory {workdir!r} has no tokenizer.json / tokenizer.model")
-
-
-def restore_params(workdir: str, step: int | None = None, mesh=None):
-    """(ModelConfig, params) of a run directory's checkpoint `step` (default: latest),
-    params sharded on `mesh` (default: fsdp over all devices)."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        cfg = model_lib.config_from_dict(json.load(f)["model"])
-    mesh = mesh or sharding_lib.make_mesh(dict(data=1, fsdp=-1, tensor=1))
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            nn.unbox(abstract_params(cfg)), param_shardings(cfg, mesh))
-    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 1, None)
-    params = ckpt.restore_params(abstract, step)
-    ckpt.close()
-    return cfg, params
 
 
 def _hf_base(workdir: str) -> str | None:
@@ -505,8 +477,7 @@ def _hf_base(workdir: str) -> str | None:
     while workdir:
         if os.path.isdir(os.path.join(workdir, "hf")):
             return os.path.join(workdir, "hf")
-        with open(os.path.join(workdir, "config.json")) as f:
-            init = json.load(f).get("init", {})
+        init = runs.read_config(workdir).get("init", {})
         if init.get("hf_dir"):
             return init["hf_dir"]
         workdir = init.get("checkpoint", "")
@@ -517,13 +488,14 @@ def export_hf(workdir: str, out_dir: str, *, step: int | None = None,
               architecture: str | None = None, dtype: str | None = None,
               hf_base: str | None = None, max_shard_bytes: int = 5 * 2**30) -> list[str]:
     """Writes a run's params (`step`, default latest) as a Hugging Face directory that
-    transformers loads: config.json, safetensors (+ index), tokenizer.json and the side
-    files of `hf_base` (default: the run's own hf/, else its config.init.hf_dir, else
+    transformers loads: config.json, safetensors (+ index), tokenizer.json (a
+    sentencepiece run's converted: SentencePieceTokenizer.to_hf), a tokenizer_config.json
+    where the base has none, and the side files of `hf_base` (default: the run's own hf/, else its config.init.hf_dir, else
     those of the run its config.init.checkpoint names). `architecture`
     defaults to the base's, else DreamModel for a bidirectional model and
     Qwen2ForCausalLM for a causal one. Returns the weight file names."""
-    cfg, params = restore_params(workdir, step)
-    tok = tokenizer_lib.load_tokenizer(_run_tokenizer(workdir))
+    cfg, params = runs.restore_params(workdir, step)
+    tok = runs.load_tokenizer(workdir)
     hf_base = hf_base or _hf_base(workdir)
     base = read_hf_config(hf_base) if hf_base else None
     architecture = architecture or (hf_architecture(base) if base else
@@ -535,11 +507,26 @@ def export_hf(workdir: str, out_dir: str, *, step: int | None = None,
     os.makedirs(out_dir, exist_ok=True)
     if hf_base:
         _copy_side_files(hf_base, out_dir, skip=("config.json",))
-    if isinstance(tok, tokenizer_lib.HFTokenizer):
-        tok.save(os.path.join(out_dir, "tokenizer.json"))
+    tok.to_hf().save(os.path.join(out_dir, "tokenizer.json"))
+    if not os.path.exists(os.path.join(out_dir, "tokenizer_config.json")):
+        _write_tokenizer_config(out_dir, runs.max_len(runs.read_config(workdir)))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
     return save_hf_weights(params, cfg, out_dir, max_shard_bytes=max_shard_bytes, dtype=dtype)
+
+
+def _write_tokenizer_config(out_dir: str, max_len: int | None):
+    """tokenizer_config.json for a tokenizer.json without one (a run trained from scratch):
+    transformers' generic fast tokenizer, the special tokens, the ChatML template."""
+    t = tokenizer_lib
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": t.BOS, "eos_token": t.EOS,
+              "pad_token": t.PAD, "mask_token": t.MASK,
+              "additional_special_tokens": [t.IM_START, t.IM_END],
+              "clean_up_tokenization_spaces": False, "chat_template": t.CHAT_TEMPLATE_JINJA}
+    if max_len:
+        config["model_max_length"] = max_len
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -583,4 +570,4 @@ def _main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(_main)
+    cli.run(_main)

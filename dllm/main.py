@@ -4,12 +4,13 @@ Config keys can be overridden: --config.train.lr=1e-4. Rerunning the same comman
 the same workdir resumes from its latest checkpoint. On N hosts, run the same command
 on each: TPU VMs (and SLURM, Open MPI) are detected; elsewhere add
 --config.distributed.coordinator_address=HOST0:PORT --config.distributed.num_processes=N
---config.distributed.process_id=I. SIGTERM saves a checkpoint and exits 0.
+--config.distributed.process_id=I. SIGTERM or Ctrl-C saves a checkpoint and exits 0
+(a second Ctrl-C exits at once). Bad input ends in one line naming it (dllm.cli).
 """
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dllm import sharding, train
+from dllm import cli, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file and variant.",
                                           lock_config=True)
@@ -26,4 +27,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,14 +1,18 @@
 """Run metrics: one JSON line per logged step, TensorBoard events, and the
-matmul ceiling that MFU is measured against."""
+matmul ceiling that MFU is measured against. The workdir may be local or gs://
+(both files are written through dllm.fs)."""
 from __future__ import annotations
 
 import json
 import os
 import time
+import uuid
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dllm import fs
 
 
 class MetricsWriter:
@@ -20,10 +24,14 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0
         self._jsonl = self._tb = None
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            fs.makedirs(workdir)
+            self._jsonl = fs.open(os.path.join(workdir, "metrics.jsonl"), "a")
+            from tensorboardX import SummaryWriter, record_writer
+            record_writer.register_writer_factory("gs", _EventFiles())
+            # Event files are named by the second they start in: a suffix keeps a run
+            # restarted within the same second from overwriting the previous file.
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                     filename_suffix=f".{uuid.uuid4().hex[:8]}")
 
     def write(self, step: int, metrics: dict):
         if not self.enabled:
@@ -38,6 +46,39 @@ class MetricsWriter:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+class _EventFiles:
+    """tensorboardX's writer factory for gs:// event files: through dllm.fs, so one
+    client (gcsfs) serves the whole run directory (tensorboardX's own needs
+    google-cloud-storage)."""
+
+    def open(self, path: str):
+        return fs.open(path, "wb")
+
+    def directory_check(self, path: str):
+        fs.makedirs(path)
+
+
+def drop_rows_after(workdir: str, step: int) -> None:
+    """Before a run continues from checkpoint `step`: rewrites DIR/metrics.jsonl (process
+    0, atomically) without the rows of later steps, logged before the run stopped and
+    about to be logged again (at step 0, a fresh start, every row goes), and without a
+    torn last line; so each step appears once."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() != 0 or not fs.exists(path):
+        return
+    lines = fs.read_text(path).splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:   # the torn end of a killed run's last write
+            continue
+        if 0 < step and row["step"] <= step:
+            keep.append(line.rstrip("\n") + "\n")
+    if len(keep) != len(lines):
+        fs.write_text(path, "".join(keep))
 
 
 class MatmulTimer:
@@ -67,7 +108,7 @@ def matmul_ceiling(dtype="float32", n: int = 2048, reps: int = 5) -> float:
 
 def read_metrics(workdir: str) -> list[dict]:
     """The rows of DIR/metrics.jsonl (for tests, plots and notebooks)."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    with fs.open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 

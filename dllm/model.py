@@ -175,6 +175,24 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
     return 3 * forward if training else forward
 
 
+def model_apply(model: nn.Module):
+    """apply_fn(params, tokens, valid=None, lookahead="default", **kw) -> logits [B, S, V];
+    kw are Transformer's keywords: cache, window_start, return_kv (cached decoding) and
+    targets (-> (nll, argmax) [B, S] instead of logits: the ELBO losses). Make it once
+    per model and reuse it: jitted callers take it as a static argument, so a new one
+    recompiles."""
+    def apply_fn(params, tokens, valid=None, lookahead="default", **kw):
+        return model.apply({"params": params}, tokens, valid, lookahead=lookahead, **kw)
+    return apply_fn
+
+
+def abstract_params(cfg: ModelConfig):
+    """The params as a tree of ShapeDtypeStructs boxed with their logical axes
+    (nn.LogicallyPartitioned); nothing is allocated."""
+    init = lambda: Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    return jax.eval_shape(init)["params"]
+
+
 def slice_rows(x: Array, start: Array, width: int) -> Array:
     """x[b, start[b] : start[b] + width] for each row: [B, S, ...] -> [B, width, ...]."""
     return jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, width))(x, start)
@@ -249,19 +267,24 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
 
 
 def attention_mask(valid: Array, lookahead, key_valid: Array | None = None) -> Array:
-    """[B, 1, S, K] bool: query i sees key j iff both are valid tokens and
-    j <= i + lookahead. lookahead None = bidirectional, 0 = causal; values in
-    between anneal causal -> full (may be a traced scalar). key_valid [B, K]: the
-    keys' validity when they are not the queries (a window call; bidirectional)."""
+    """[B, 1, S, K] bool: query i sees key j iff both are valid tokens and the
+    structure allows the pair. lookahead: None = bidirectional; an int (may be a
+    traced scalar): j <= i + lookahead (0 = causal, values in between anneal causal
+    -> full); or a bool array [S, S] / [B, S, S] of allowed (query, key) pairs.
+    key_valid [B, K]: the keys' validity when they are not the queries (a window
+    call; bidirectional)."""
     if key_valid is None:
         key_valid = valid
     mask = valid[:, None, :, None] & key_valid[:, None, None, :]
-    if lookahead is not None:
+    if lookahead is None:
+        return mask
+    if jnp.ndim(lookahead) == 0:
         s = valid.shape[1]
-        i = jnp.arange(s)[:, None]
-        j = jnp.arange(s)[None, :]
-        mask = mask & (j <= i + lookahead)[None, None]
-    return mask
+        allowed = jnp.arange(s)[None, :] <= jnp.arange(s)[:, None] + lookahead
+    else:
+        allowed = jnp.asarray(lookahead, bool)
+    # [S, S] -> [1, S, S] and [B, S, S] -> [B, 1, S, S]: broadcast over batch / heads.
+    return mask & jnp.expand_dims(allowed, -3)
 
 
 def attention_masks(cfg: ModelConfig, valid: Array, lookahead, key_valid: Array | None = None
@@ -354,9 +377,11 @@ class Transformer(nn.Module):
         """tokens: [B, S] int; valid: [B, S] bool (False = padding, excluded from
         attention; default all True); positions: [B, S] int (default cumsum(valid)-1,
         so the first real token of a left-padded row has position 0); lookahead:
-        None (bidirectional), 0 (causal) or an int / traced scalar in between;
-        "default" = the config's `causal`. Returns logits [B, S, V] float32, shifted
-        (position i predicts token i) when cfg.shift_logits.
+        None (bidirectional), 0 (causal) or an int / traced scalar in between, or a
+        bool array [S, S] / [B, S, S] of allowed (query, key) pairs (see
+        `attention_mask`; ANDed with the padding mask); "default" = the config's
+        `causal`. Returns logits [B, S, V] float32, shifted (position i predicts
+        token i) when cfg.shift_logits.
 
         Window call: `cache` holds the K/V of a whole canvas [B, S_c] and `tokens`
         are its positions window_start[b] ... window_start[b] + S - 1 ([B] int; the

@@ -29,7 +29,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dllm import data, kernels, model as model_lib, sharding, train
+from dllm import cli, data, elbo, kernels, model as model_lib, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file and variant.",
                                           lock_config=True)
@@ -89,7 +89,8 @@ def plan(config, devices) -> dict:
     state, state_sh = train.abstract_state(model, tx, mesh, rules)
     batch = abstract_batch(config, mesh)
     # Any token id serves as the mask for planning: memory does not depend on it.
-    loss_fn = train.stage_loss(config, model, mask_id=model_cfg.vocab_size - 1)
+    loss_fn = elbo.stage_loss(config.loss, model_lib.model_apply(model),
+                              model_cfg.vocab_size - 1)
     with sharding.activate(mesh, rules):
         step = train.jit_train_step(train.make_train_step(loss_fn, tx), state_sh, mesh)
         mem = step.lower(state, batch).compile().memory_analysis()
@@ -158,4 +159,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

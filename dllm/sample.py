@@ -8,8 +8,10 @@
 
 Every `dllm.sampling.SampleConfig` field is a flag; unset ones take the run's
 `config.sample`, then SampleConfig's defaults. Several --prompt flags decode as one
-left-padded batch. --show replays the denoising in the terminal; --order_plot draws
-the step at which each position was unmasked.
+left-padded batch; a row stops at <|endoftext|>. --show replays the denoising in the terminal; --order_plot draws
+the step at which each position was unmasked. A prompt that does not fit the run's
+context (data.seq_len) with the new tokens is an error, or with --truncate_prompts
+loses its start.
 """
 import dataclasses
 import sys
@@ -19,19 +21,21 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from dllm import sampling, train
+from dllm import analysis, cli, runs, sampling
+from dllm import tokenizer as tokenizer_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run (config.json, checkpoints/).")
 _PROMPT = flags.DEFINE_multi_string("prompt", ["def fibonacci(n):\n"], "Prompt(s); one row each.")
 _SUFFIX = flags.DEFINE_string("suffix", "", "Infill: text after the generated tokens "
                               "(max_new_tokens masks go between prompt and suffix).")
 _CHAT = flags.DEFINE_bool("chat", False, "Wrap each prompt in the chat template.")
-_EOS = flags.DEFINE_string("eos_token", "<|endoftext|>", "Token that ends a row; '' = none.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: latest).")
 _SHOW = flags.DEFINE_bool("show", False, "Animate the denoising in the terminal.")
 _FPS = flags.DEFINE_float("fps", 20.0, "--show frames per second.")
 _ORDER_PLOT = flags.DEFINE_string("order_plot", None, "Write the decoding-order heatmap here.")
+_TRUNCATE = flags.DEFINE_bool("truncate_prompts", False, "Cut prompts that do not fit the run's "
+                              "context with the new tokens from the left (default: an error).")
 flags.mark_flag_as_required("workdir")
 
 _ENUMS = {"alg": sampling.ALGS, "schedule": sampling.SCHEDULES, "parallel": sampling.PARALLEL}
@@ -54,22 +58,13 @@ def sample_config(run_sample) -> sampling.SampleConfig:
     return sampling.sample_config_from_dict(d)
 
 
-def token_texts(tok, ids) -> list[str]:
-    """The text each token adds in context (decoding prefixes keeps the spaces)."""
-    texts, prev = [], ""
-    for i in range(len(ids)):
-        text = tok.decode(ids[:i + 1])
-        texts.append(text[len(prev):])
-        prev = text
-    return texts
-
-
 def show(tok, out: sampling.Decoded, keep: np.ndarray, fps: float):
     """Replay the denoising: masked positions as dots (the width of the token they
     become), each step's new tokens in green."""
     frames = np.asarray(sampling.history(out, tok.mask_id))
     order = np.asarray(out.order)
-    texts = [token_texts(tok, row[k].tolist()) for row, k in zip(np.asarray(out.tokens), keep)]
+    texts = [tokenizer_lib.token_texts(tok, row[k].tolist())
+             for row, k in zip(np.asarray(out.tokens), keep)]
     for t, frame in enumerate(frames):
         lines = []
         for row, k in enumerate(keep):
@@ -85,48 +80,20 @@ def show(tok, out: sampling.Decoded, keep: np.ndarray, fps: float):
         time.sleep(1.0 / fps)
 
 
-def order_plot(order: np.ndarray, path: str):
-    """Heatmap of the step at which each position was unmasked (rows = samples; from
-    the first generated position on), and step against position (a diagonal = left
-    to right)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    start = int(np.argmax((order >= 0).any(0)))
-    gen = np.ma.masked_less(order[:, start:], 0)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3 + 0.2 * len(order)))
-    im = ax1.imshow(gen, aspect="auto", interpolation="nearest", cmap="viridis")
-    fig.colorbar(im, ax=ax1, label="step unmasked")
-    ax1.set(xlabel="generated position", ylabel="sample", title="decoding order",
-            yticks=range(len(order)))
-    for row in gen:
-        ax2.plot(np.flatnonzero(~np.ma.getmaskarray(row)), row.compressed(), ".", ms=3)
-    ax2.set(xlabel="generated position", ylabel="step", title="step vs position")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    config, model, params, tok = train.load_run(_WORKDIR.value, _STEP.value)
-    cfg = sample_config(config.sample)
-    texts = _PROMPT.value
-    if _CHAT.value:
-        texts = [tok.apply_chat_template([{"role": "user", "content": t}], True) for t in texts]
-    prompts, valid = sampling.encode_prompts(tok, texts, _SUFFIX.value, cfg.max_new_tokens)
-    if _SUFFIX.value:  # the hole is in the prompt: nothing to append
-        cfg = dataclasses.replace(cfg, max_new_tokens=0)
-    out = sampling.generate(params, prompts, jax.random.PRNGKey(_SEED.value), cfg,
-                            apply_fn=train.model_apply(model), mask_id=tok.mask_id,
-                            pad_id=tok.pad_id,
-                            eos_id=tok.token_to_id(_EOS.value) if _EOS.value else None,
-                            valid=valid)
+    run = runs.load_run(_WORKDIR.value, _STEP.value)
+    cfg = sample_config(run.config.sample)
+    gen = sampling.generate_text(run.params, _PROMPT.value, jax.random.PRNGKey(_SEED.value), cfg,
+                                 apply_fn=run.apply_fn, tokenizer=run.tokenizer, chat=_CHAT.value,
+                                 suffix=_SUFFIX.value, multiple=1, max_len=run.max_len,
+                                 truncate_prompts=_TRUNCATE.value)
+    out, tok = gen.decoded, run.tokenizer
     tokens = np.asarray(out.tokens)
-    keep = np.concatenate([valid, np.ones((len(valid), cfg.max_new_tokens), bool)], 1)
+    keep = np.concatenate([gen.prompt_valid, np.ones((len(tokens), tokens.shape[1] -
+                                                      gen.prompts.shape[1]), bool)], 1)
     keep &= tokens != tok.pad_id
     if _SHOW.value:
         show(tok, out, keep, _FPS.value)
@@ -134,8 +101,10 @@ def main(argv):
         print(f"{tok.decode(row[k].tolist())}\n----")
     print(f"{cfg}\nsteps per row: {np.asarray(out.steps).tolist()}")
     if _ORDER_PLOT.value:
-        order_plot(np.asarray(out.order), _ORDER_PLOT.value)
+        order = np.asarray(out.order)
+        start = int(np.argmax((order >= 0).any(0)))  # the first generated position
+        analysis.save(analysis.plot_order(order[:, start:]), _ORDER_PLOT.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

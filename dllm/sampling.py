@@ -14,7 +14,8 @@ masked position of the row's current block and commits some of them:
              grid linspace(1, eps, steps + 1); LLaDA: an even split), or Fast-dLLM's
              parallel rules (every position whose token probability exceeds
              `threshold`; or the largest n with (n + 1)(1 - c_n) < `factor`),
-             always at least one.
+             always at least one. A parallel rule also decides which: the k
+             positions with the most probable proposals, whatever `alg` ranks by.
 
 Blocks of `block_length` positions start at the row's first masked position; the
 current block is the one holding the leftmost masked position, and positions
@@ -28,9 +29,16 @@ values of the rest of the canvas cached when the row entered the block
 (Fast-dLLM's dual cache; `cache_refresh` refreshes it more often, 1 = exactly).
 
     out = generate(params, prompts, rng, SampleConfig(alg="entropy"),
-                   apply_fn=train.model_apply(model), mask_id=tok.mask_id, eos_id=tok.eos_id,
+                   apply_fn=model_apply(model), mask_id=tok.mask_id, eos_id=tok.eos_id,
                    pad_id=tok.pad_id, valid=prompt_valid)
     out.tokens, out.order        # [B, P + N] each
+
+Text in, text out (what every caller uses: the end-of-training sample, the sample
+CLI, evaluation, GRPO rollouts, the analyses):
+
+    gen = generate_text(params, ["def fib(n):"], rng, cfg, apply_fn=run.apply_fn,
+                        tokenizer=run.tokenizer)
+    gen.texts                    # completions, cut at the first pad / EOS / <|im_end|>
 """
 from __future__ import annotations
 
@@ -71,7 +79,7 @@ class SampleConfig:
     alg_temp: float = 0.0       # > 0: positions sampled from softmax(confidence / alg_temp)
     block_length: int = 0       # semi-autoregressive blocks; 0 = one block
     # How many per step: none (the schedule) | threshold | factor (Fast-dLLM; `steps`
-    # and `schedule` are then unused).
+    # and `schedule` are then unused, and the token probability, not `alg`, picks which).
     parallel: str = "none"
     threshold: float = 0.9      # parallel=threshold: commit every token with prob > threshold
     factor: float = 1.0         # parallel=factor: commit the largest n with (n+1)(1-c_n) < factor
@@ -88,6 +96,9 @@ class SampleConfig:
         if self.alg == "origin" and (self.parallel != "none" or self.suppress_eos):
             raise ValueError("sample.alg='origin' reveals at random: it takes no "
                              "sample.parallel rule and no sample.suppress_eos")
+        if self.parallel != "none" and self.alg_temp > 0:
+            raise ValueError("sample.parallel commits the most probable proposals: it takes "
+                             "no sample.alg_temp")
         if self.cache and self.block_length <= 0:
             raise ValueError("sample.cache needs sample.block_length > 0")
 
@@ -110,6 +121,9 @@ class Decoded(NamedTuple):
     confidence: Array  # [B, S] float32: the rule's confidence at commit; nan where order = -1
     steps: Array       # [B] int32: model calls until the row was done
     refreshes: Array   # [] int32: full forwards made to refresh the KV cache
+    trace: Array | None = None  # generate(trace=True): [T, B, S] float32, the rule's
+    #                    confidence at every masked position the model scored at loop
+    #                    step t (nan elsewhere, and after the last step); T = the loop's bound
 
 
 def history(out: Decoded, mask_id: int) -> Array:
@@ -286,6 +300,7 @@ class _State(NamedTuple):
     i: Array           # [] int32: loop step
     refreshes: Array   # [] int32
     cache: KVCache | None
+    trace: Array | None  # [T, B, S] float32 when tracing
 
 
 def _first_eos(tokens: Array, generated: Array, eos_id: int) -> Array:
@@ -362,20 +377,27 @@ def _step(st: _State, params, rng, cfg: SampleConfig, apply_fn, valid, generated
     eligible = at(masked) & (window < (start + block_length)[:, None]) & active[:, None]
     k = how_many(cfg, eligible, prob, j, steps_per_block)
     frac = reveal_fraction(j, steps_per_block, cfg.eps)
-    commit = select(cfg, confidence, eligible, k, frac, k_select)
+    # Fast-dLLM: a parallel rule counts and chooses by the proposal's probability.
+    rank_by = confidence if cfg.parallel == "none" else prob
+    commit = select(cfg, rank_by, eligible, k, frac, k_select)
 
     put = lambda x, new: update_rows(x, window_start, jnp.where(commit, new, at(x)))
     tokens = put(st.tokens, x0)
+    trace = st.trace
+    if trace is not None:  # every scored masked position's confidence, before the commit
+        scored = jnp.where(at(masked) & active[:, None], confidence, jnp.nan)
+        trace = trace.at[st.i].set(update_rows(jnp.full(st.tokens.shape, jnp.nan), window_start,
+                                               scored))
     return _State(tokens=tokens, order=put(st.order, st.i),
                   confidence=put(st.confidence, confidence), block=block, j=j + 1,
                   done=_row_done(tokens, generated, mask_id, eos_id), steps=st.steps + active,
-                  i=st.i + 1, refreshes=st.refreshes + refreshed, cache=cache)
+                  i=st.i + 1, refreshes=st.refreshes + refreshed, cache=cache, trace=trace)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "apply_fn", "mask_id", "pad_id", "eos_id",
-                                             "span"))
+                                             "span", "trace"))
 def _generate(params, prompts, valid, rng, cfg, apply_fn, mask_id, pad_id, eos_id,
-              span) -> Decoded:
+              span, trace=False) -> Decoded:
     b, p = prompts.shape
     n = cfg.max_new_tokens
     tokens = jnp.concatenate([prompts, jnp.full((b, n), mask_id, prompts.dtype)], axis=1)
@@ -389,12 +411,13 @@ def _generate(params, prompts, valid, rng, cfg, apply_fn, mask_id, pad_id, eos_i
         cache = KVCache(jnp.zeros(kv.k.shape, kv.k.dtype), jnp.zeros(kv.v.shape, kv.v.dtype),
                         valid)
     zero = jnp.zeros((b,), jnp.int32)
+    # Each row finishes within `steps` (schedule) or within its masked count (parallel).
+    max_steps = max(cfg.steps, p + n)
     st = _State(tokens=tokens, order=jnp.full(tokens.shape, -1, jnp.int32),
                 confidence=jnp.full(tokens.shape, jnp.nan, jnp.float32), block=zero - 1,
                 j=zero, done=_row_done(tokens, generated, mask_id, eos_id), steps=zero,
-                i=jnp.int32(0), refreshes=jnp.int32(0), cache=cache)
-    # Each row finishes within `steps` (schedule) or within its masked count (parallel).
-    max_steps = max(cfg.steps, p + n)
+                i=jnp.int32(0), refreshes=jnp.int32(0), cache=cache,
+                trace=jnp.full((max_steps, *tokens.shape), jnp.nan) if trace else None)
     step = functools.partial(_step, params=params, rng=rng, cfg=cfg, apply_fn=apply_fn,
                              valid=valid, generated=generated, first=first,
                              block_length=block_length, steps_per_block=steps_per_block,
@@ -404,7 +427,7 @@ def _generate(params, prompts, valid, rng, cfg, apply_fn, mask_id, pad_id, eos_i
     if eos_id is not None:  # everything generated after the first EOS becomes pad
         after = jnp.arange(tokens.shape[1]) > _first_eos(tokens, generated, eos_id)
         tokens = jnp.where(generated & after, pad_id, tokens)
-    return Decoded(tokens, st.order, st.confidence, st.steps, st.refreshes)
+    return Decoded(tokens, st.order, st.confidence, st.steps, st.refreshes, st.trace)
 
 
 def _generated_span(prompts, valid, n: int, mask_id: int) -> int:
@@ -420,31 +443,52 @@ def _generated_span(prompts, valid, n: int, mask_id: int) -> int:
 
 def generate(params, prompts: Array, rng: Array, cfg: SampleConfig, *, apply_fn: Callable,
              mask_id: int, pad_id: int | None = None, eos_id: int | None = None,
-             valid: Array | None = None) -> Decoded:
+             valid: Array | None = None, trace: bool = False) -> Decoded:
     """Decode `cfg.max_new_tokens` tokens after each prompt, and any mask tokens in
     the prompts (infilling). prompts: [B, P] int, left-padded where `valid` [B, P]
     bool is False (default all valid). apply_fn(params, tokens, valid, **kw) ->
     logits [B, S, V] (shifted as the model is trained; with cfg.cache it must take
-    `Transformer`'s cache/window_start/return_kv keywords, as `train.model_apply` does).
+    `Transformer`'s cache/window_start/return_kv keywords, as `model.model_apply` does).
     eos_id: None = no EOS handling; else a row stops once nothing before its first
     generated EOS is masked, and what follows is returned as pad_id (default eos_id).
-    Returns Decoded: tokens and order [B, P + N] first. Jitted; cfg, apply_fn and
-    the ids are static (reuse one apply_fn to avoid recompiling)."""
+    trace: also return Decoded.trace, the confidence of every masked position at every
+    step (for heatmaps; a [T, B, P + N] buffer, so off by default).
+    Returns Decoded: tokens and order [B, P + N] first. Jitted; cfg, apply_fn, the ids
+    and trace are static (reuse one apply_fn to avoid recompiling)."""
     if valid is None:
         valid = jnp.ones(prompts.shape, bool)
     if cfg.suppress_eos and eos_id is None:
         raise ValueError("sample.suppress_eos needs an eos_id")
     return _generate(params, prompts, valid, rng, cfg=cfg, apply_fn=apply_fn, mask_id=mask_id,
                      span=_generated_span(prompts, valid, cfg.max_new_tokens, mask_id),
-                     pad_id=eos_id if pad_id is None else pad_id, eos_id=eos_id)
+                     pad_id=eos_id if pad_id is None else pad_id, eos_id=eos_id, trace=trace)
 
 
-def encode_prompts(tok, texts, suffix: str = "", n: int = 0, multiple: int = 1):
+def encode_prompts(tok, texts, suffix: str = "", n: int = 0, multiple: int = 1,
+                   max_len: int | None = None, truncate: bool = False):
     """Left-padded canvases [B, P] int32 and valid [B, P] bool from prompt strings: the
     prompt ids, plus `n` mask tokens and the `suffix` ids when infilling (suffix set).
-    P is rounded up to `multiple` (fewer distinct shapes: fewer recompiles)."""
-    hole = [tok.mask_id] * n + tok.encode(suffix) if suffix else []
-    rows = [tok.encode(t) + hole for t in texts]
+    P is rounded up to `multiple` (fewer distinct shapes: fewer recompiles).
+    max_len: the model's context; a prompt that leaves too little room for the `n`
+    generated tokens (and the suffix) raises ValueError naming it, or with `truncate`
+    loses its start (left truncation)."""
+    suffix_ids = tok.encode(suffix) if suffix else []
+    hole = [tok.mask_id] * n + suffix_ids if suffix else []
+    rows = [tok.encode(t) for t in texts]
+    if max_len is not None:
+        room = max_len - n - len(suffix_ids)
+        if room < 1:
+            raise ValueError(f"{n} new tokens{' and the suffix' if suffix else ''} leave no room "
+                             f"for a prompt in the model's context of {max_len} tokens")
+        for i, row in enumerate(rows):
+            if len(row) > room and not truncate:
+                raise ValueError(
+                    f"prompt {i} is {len(row)} tokens; with {n} new tokens"
+                    f"{' and the suffix' if suffix else ''} it exceeds the model's context of "
+                    f"{max_len} tokens; shorten it, generate fewer tokens, or truncate "
+                    f"prompts (keeping their last {room} tokens)")
+        rows = [row[-room:] for row in rows]
+    rows = [row + hole for row in rows]
     width = -(-max(map(len, rows)) // multiple) * multiple
     prompts = np.full((len(rows), width), tok.pad_id, np.int32)
     valid = np.zeros(prompts.shape, bool)
@@ -454,11 +498,52 @@ def encode_prompts(tok, texts, suffix: str = "", n: int = 0, multiple: int = 1):
     return prompts, valid
 
 
-def completion_texts(tok, tokens, prompt_len: int, stop_ids) -> list[str]:
-    """The generated text of each row of `tokens` [B, P + N] (after `prompt_len`), cut
-    at the first of `stop_ids` (pad, EOS, <|im_end|>, ...)."""
+def completion_texts(tok, tokens, start: int, stop_ids, end: int | None = None) -> list[str]:
+    """The generated text of each row of `tokens` [B, S]: positions start .. end - 1
+    (default: to the end), cut at the first of `stop_ids` (pad, EOS, <|im_end|>, ...)."""
     out = []
-    for row in np.asarray(tokens)[:, prompt_len:].tolist():
+    for row in np.asarray(tokens)[:, start:end].tolist():
         cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
         out.append(tok.decode(row[:cut]))
     return out
+
+
+class TextGeneration(NamedTuple):
+    texts: list[str]          # completions, cut at the first pad / EOS / <|im_end|>
+    prompts: np.ndarray       # [B, P] int32: the left-padded prompt ids
+    prompt_valid: np.ndarray  # [B, P] bool: False on the left padding
+    decoded: Decoded          # tokens [B, P + N] (completion ids: tokens[:, P:]), order, ...
+
+
+def stop_ids(tok) -> set[int]:
+    """Token ids a completion ends at: pad, EOS and the end of a chat turn."""
+    return {tok.pad_id, tok.eos_id, tok.im_end_id}
+
+
+def generate_text(params, texts, rng: Array, cfg: SampleConfig, *, apply_fn: Callable, tokenizer,
+                  chat: bool = False, suffix: str = "", multiple: int = 32,
+                  max_len: int | None = None, truncate_prompts: bool = False,
+                  trace: bool = False) -> TextGeneration:
+    """Complete each text: the texts (each wrapped as a user turn in the chat template
+    with an open assistant turn when `chat`) are encoded into one left-padded batch
+    (width rounded up to `multiple`: fewer shapes, fewer compiles), decoded with `cfg`
+    (a row stops at its first EOS; pads after it) and cut at stop_ids per row.
+    With a `suffix`, cfg.max_new_tokens masks go between each text and the suffix
+    (infilling) and the completion is what fills them. max_len: the model's context
+    (`runs.Run.max_len`): a longer prompt + completion raises ValueError, or with
+    `truncate_prompts` the prompt loses its start (see encode_prompts). trace: see
+    `generate`."""
+    if chat:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], True)
+                 for t in texts]
+    prompts, valid = encode_prompts(tokenizer, texts, suffix, cfg.max_new_tokens, multiple,
+                                    max_len, truncate_prompts)
+    start, end = prompts.shape[1], None
+    if suffix:  # the hole is inside the canvas: nothing appended
+        end = start - len(tokenizer.encode(suffix))
+        start = end - cfg.max_new_tokens
+        cfg = dataclasses.replace(cfg, max_new_tokens=0)
+    out = generate(params, prompts, rng, cfg, apply_fn=apply_fn, mask_id=tokenizer.mask_id,
+                   pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id, valid=valid, trace=trace)
+    completions = completion_texts(tokenizer, out.tokens, start, stop_ids(tokenizer), end)
+    return TextGeneration(completions, prompts, valid, out)

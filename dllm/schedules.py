@@ -17,6 +17,9 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
+NAMES = ("linear", "cosine", "polynomial", "loglinear")
+
+
 class Schedule(NamedTuple):
     name: str
     alpha: Callable[[Array], Array]   # t -> P(token unmasked at time t)
@@ -30,16 +33,17 @@ def get_schedule(name: str, exponent: float = 2.0, loglinear_eps: float = 1e-3) 
     if name == "linear":
         return Schedule(name, lambda t: 1.0 - t, lambda t: 1.0 / t)
     if name == "cosine":
+        # (pi/2) sin(x) / (1 - cos x) with x = pi t / 2, as (pi/2) / tan(x / 2) (1 - cos x
+        # = 2 sin^2(x/2)): no cancellation in float32 at small t.
         return Schedule(name, lambda t: jnp.cos(half_pi * t),
-                        lambda t: half_pi * jnp.sin(half_pi * t) / (1.0 - jnp.cos(half_pi * t)))
+                        lambda t: half_pi / jnp.tan(half_pi * t / 2))
     if name == "polynomial":
         n = exponent
         return Schedule(name, lambda t: 1.0 - t ** n, lambda t: n / t)
     if name == "loglinear":
         e = loglinear_eps
         return Schedule(name, lambda t: 1.0 - (1.0 - e) * t, lambda t: 1.0 / t)
-    raise ValueError(f"unknown masking schedule {name!r}; allowed: "
-                     "linear, cosine, polynomial, loglinear")
+    raise ValueError(f"unknown masking schedule {name!r}; allowed: {', '.join(NAMES)}")
 
 
 def sample_times(rng: Array, batch: int, eps: float = 1e-3, antithetic: bool = True) -> Array:

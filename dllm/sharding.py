@@ -129,6 +129,13 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules):
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def abstract_arrays(tree, shardings):
+    """ShapeDtypeStructs of `tree`'s leaves carrying `shardings` (restore and
+    compile targets: no array is allocated)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over data x fsdp, the rest replicated."""
     return NamedSharding(mesh, P(("data", "fsdp")))

@@ -49,6 +49,12 @@ class Task:
     tests: tuple[str, ...]
     imports: str = ""
 
+    def __post_init__(self):
+        # A task without a test would pass any completion (a free reward under RL).
+        if not self.tests or any(not t.strip() for t in self.tests):
+            raise ValueError(f"task {self.task_id!r} has no tests or an empty one: it would "
+                             "pass any completion")
+
 
 def _tests_from_record(record: dict, where: str) -> tuple[str, ...]:
     """The test cases of a task record (see the module docstring)."""
@@ -71,8 +77,12 @@ def _task_from_record(record, where: str) -> Task:
         if not isinstance(record.get(key), types):
             raise ValueError(f"{where}: missing or invalid key {key!r}")
     imports = record.get("test_imports") or []
-    return Task(str(record["task_id"]), record["prompt"], record["entry_point"],
-                _tests_from_record(record, where), "\n".join(imports))
+    tests = _tests_from_record(record, where)
+    try:
+        return Task(str(record["task_id"]), record["prompt"], record["entry_point"], tests,
+                    "\n".join(imports))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def humaneval_path() -> str:

@@ -15,15 +15,19 @@ chat markers as single ids. `decode` drops nothing: special tokens are rendered 
 their names, so `decode(encode(text)) == text` for every string.
 """
 import abc
+import hashlib
 import json
 import os
-import uuid
+import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
 import tokenizers
+from sentencepiece import sentencepiece_model_pb2 as sp_model
 from tokenizers import decoders, normalizers, pre_tokenizers
+
+from dllm import fs
 
 MASK = "<|mask|>"
 PAD = "<|dlm_pad|>"
@@ -60,6 +64,19 @@ class Tokenizer(abc.ABC):
         """`encode` of each text (implementations may parallelise)."""
         return [self.encode(t) for t in texts]
 
+    @abc.abstractmethod
+    def to_file(self) -> tuple[str, bytes]:
+        """(file name, contents) that `load_tokenizer` reads back as this tokenizer:
+        "tokenizer.model" (sentencepiece) or "tokenizer.json" (Hugging Face)."""
+
+    @abc.abstractmethod
+    def to_hf(self) -> tokenizers.Tokenizer:
+        """This tokenizer as a Hugging Face `tokenizers.Tokenizer` (tokenizer.json), same ids."""
+
+    def checksum(self) -> str:
+        """sha256 of `to_file()`'s contents: the tokenizer's identity (same ids)."""
+        return hashlib.sha256(self.to_file()[1]).hexdigest()
+
     @property
     def mask_id(self) -> int:
         return self.token_to_id(MASK)
@@ -89,6 +106,17 @@ class Tokenizer(abc.ABC):
         return chat_template(messages, add_generation_prompt)
 
 
+def token_texts(tok: Tokenizer, ids: Sequence[int]) -> list[str]:
+    """The text each token adds in context (decoding prefixes keeps the spaces that
+    decoding tokens one by one would drop)."""
+    texts, prev = [], ""
+    for i in range(len(ids)):
+        text = tok.decode(ids[:i + 1])
+        texts.append(text[len(prev):])
+        prev = text
+    return texts
+
+
 def chat_template(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
     """Renders messages in Qwen's ChatML format (DiffuCoder's chat format).
 
@@ -107,6 +135,14 @@ def chat_template(messages: Sequence[dict], add_generation_prompt: bool = True) 
     return text
 
 
+# chat_template as a Jinja template (tokenizer_config.json's "chat_template" in exports).
+CHAT_TEMPLATE_JINJA = (
+    "{% if messages[0]['role'] != 'system' %}" + IM_START + "system\n" + DEFAULT_SYSTEM_PROMPT
+    + IM_END + "\n{% endif %}{% for m in messages %}" + IM_START + "{{ m['role'] }}\n"
+    "{{ m['content'] }}" + IM_END + "\n{% endfor %}{% if add_generation_prompt %}" + IM_START
+    + "assistant\n{% endif %}")
+
+
 # sentencepiece turns spaces into this meta symbol and back, so a literal one in the
 # input would decode as a space; we encode it as its UTF-8 bytes instead.
 _SPACE_META = "\u2581"
@@ -116,10 +152,10 @@ class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece model (.model file) with byte fallback and the special tokens."""
 
     def __init__(self, path: str):
-        if not os.path.isfile(path):
+        if not fs.exists(path) or fs.isdir(path):
             raise FileNotFoundError(f"tokenizer {path!r}: no such file")
         self.path = path
-        self._sp = spm.SentencePieceProcessor(model_file=path)
+        self._sp = spm.SentencePieceProcessor(model_proto=fs.read_bytes(path))
         self._meta_ids = [self._byte_id(b) for b in _SPACE_META.encode("utf-8")]
         missing = [name for name in SPECIAL_TOKENS if not self._is_token(name)]
         if missing:
@@ -163,6 +199,35 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._sp.decode([int(i) for i in ids])
 
+    def to_file(self) -> tuple[str, bytes]:
+        return "tokenizer.model", self._sp.serialized_model_proto()
+
+    def to_hf(self) -> tokenizers.Tokenizer:
+        """The same tokenizer as a Hugging Face `tokenizers.Tokenizer` (what tokenizer.json
+        holds; `transformers` and HFTokenizer load it): the pieces and, for each piece,
+        the merges that make it (ranked by the piece's id, as sentencepiece ranks them),
+        as a byte-fallback BPE on text with spaces as "▁", no pre-tokenizer (pieces span
+        whitespace, as trained) and the special tokens as added tokens. Same ids except
+        for a literal "▁" in the text (here its UTF-8 bytes, there a space)."""
+        proto = sp_model.ModelProto.FromString(self._sp.serialized_model_proto())
+        if proto.trainer_spec.model_type != sp_model.TrainerSpec.BPE:
+            raise ValueError(f"tokenizer {self.path!r}: only BPE sentencepiece models convert")
+        pieces = [p.piece for p in proto.pieces]
+        vocab = {piece: i for i, piece in enumerate(pieces)}
+        normal = sp_model.ModelProto.SentencePiece.NORMAL
+        merges = [(piece[:k], piece[k:]) for p in proto.pieces if p.type == normal
+                  for piece in [p.piece] for k in range(1, len(piece))
+                  if piece[:k] in vocab and piece[k:] in vocab]
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE(
+            vocab, merges, unk_token=pieces[self._sp.unk_id()], byte_fallback=True,
+            fuse_unk=True))
+        tok.normalizer = normalizers.Replace(" ", _SPACE_META)
+        tok.decoder = decoders.Sequence([decoders.Replace(_SPACE_META, " "),
+                                         decoders.ByteFallback(), decoders.Fuse()])
+        tok.add_special_tokens([tokenizers.AddedToken(name, special=True, normalized=False)
+                                for name in SPECIAL_TOKENS])
+        return tok
+
 
 def _chunks(texts: Iterable[str], chunk_chars: int, max_bytes: int) -> Iterable[str]:
     """Cuts texts into pieces of <= chunk_chars characters, until ~max_bytes are yielded."""
@@ -185,8 +250,9 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_path: str, *,
     are read (about 1 s at vocab 4096 on two cores): pass them in a shuffled order. The
     vocabulary may come out smaller than `vocab_size` on a small corpus.
 
-    The file is written atomically (temporary name, then rename), so a run that is killed
-    mid-training never leaves a half-written model behind for a resume to pick up.
+    The model is trained in a temporary directory and written atomically (dllm.fs; local
+    or gs://), so a run that is killed mid-training never leaves a half-written model
+    behind for a resume to pick up.
     """
     if not out_path.endswith(".model"):
         raise ValueError(f"out_path {out_path!r} must end in .model")
@@ -194,9 +260,9 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_path: str, *,
     sentences = list(_chunks(texts, chunk_chars=4096, max_bytes=max_bytes))
     if not sentences:
         raise ValueError(f"cannot train tokenizer {out_path!r}: the corpus is empty")
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    prefix = f"{out_path[:-len('.model')]}.tmp{uuid.uuid4().hex}"  # unique per process
-    spm.SentencePieceTrainer.train(
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = os.path.join(tmp, "spm")
+        spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sentences), model_prefix=prefix, model_type="bpe",
             vocab_size=vocab_size, hard_vocab_limit=False, byte_fallback=True,
             character_coverage=1.0, normalization_rule_name="identity", add_dummy_prefix=False,
@@ -205,8 +271,8 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_path: str, *,
             split_by_whitespace=False, max_sentence_length=1 << 16,
             user_defined_symbols=list(SPECIAL_TOKENS), unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
             num_threads=os.cpu_count() or 1, minloglevel=2)
-    os.replace(prefix + ".model", out_path)
-    os.remove(prefix + ".vocab")
+        fs.makedirs(os.path.dirname(out_path) or ".")
+        fs.copy(prefix + ".model", out_path)
     return SentencePieceTokenizer(out_path)
 
 
@@ -254,9 +320,9 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, path: str):
         self.path = path
-        json_path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-        if os.path.isfile(json_path):
-            self._tok = tokenizers.Tokenizer.from_file(json_path)
+        json_path = os.path.join(path, "tokenizer.json") if fs.isdir(path) else path
+        if fs.exists(json_path):
+            self._tok = tokenizers.Tokenizer.from_str(fs.read_text(json_path))
         elif os.path.isfile(os.path.join(path, "vocab.json")):
             self._tok = _qwen2_from_vocab_merges(path)
         else:
@@ -288,7 +354,13 @@ class HFTokenizer(Tokenizer):
 
     def save(self, path: str):
         """Writes tokenizer.json (with any appended special tokens) to `path`."""
-        self._tok.save(path)
+        fs.write_text(path, self._tok.to_str(pretty=True))
+
+    def to_file(self) -> tuple[str, bytes]:
+        return "tokenizer.json", self._tok.to_str().encode("utf-8")
+
+    def to_hf(self) -> tokenizers.Tokenizer:
+        return self._tok
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -296,7 +368,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     Face model directory (HFTokenizer)."""
     if path.endswith(".model"):
         return SentencePieceTokenizer(path)
-    if path.endswith(".json") or os.path.isdir(path):
+    if path.endswith(".json") or fs.isdir(path):
         return HFTokenizer(path)
     raise ValueError(f"tokenizer {path!r}: unknown file type (supported: .model, "
                      "tokenizer.json, a Hugging Face model directory)")

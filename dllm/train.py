@@ -1,29 +1,33 @@
-"""The training skeleton every stage shares: TrainState, a pure jitted step,
-checkpoint/resume, metrics, eval and a final sample.
+"""The training skeleton every stage shares: TrainState, a pure jitted step with
+optional gradient accumulation, checkpoint / resume / preemption, metrics, evaluation
+and a final sample.
 
-A stage supplies a loss `loss_fn(params, batch, rng, step) -> (loss, metrics)`
-(the ELBO stages: `elbo.elbo_loss`) and its data; `train_step` is the same for all.
+A stage (`dllm.stage.Stage`, built by the module `config.stage` names: the ELBO stages
+in `dllm.elbo`, coupled-GRPO in `dllm.grpo`) supplies its loss, its batches (which may
+read the current state, as rollouts do), its evaluation, any extra state and its
+throughput figures; everything else is here, once.
+
+    python -m dllm.main --config=experiments/pretrain.py:tiny --workdir=runs/pretrain
 """
 from __future__ import annotations
 
-import functools
-import json
+import importlib
 import os
-import shutil
 import time
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
-import numpy as np
 import optax
 from flax import struct
 from tqdm import tqdm
 
-from dllm import checkpoint, convert, data, elbo, metrics, model as model_lib, sampling, sharding
+from dllm import checkpoint, convert, data, fs, metrics, model as model_lib, runs, sampling
+from dllm import config as config_lib
+from dllm import sharding
 from dllm import tokenizer as tokenizer_lib
+from dllm.stage import STAGES, Stage, StageContext
 
 Array = jax.Array
 
@@ -34,61 +38,106 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: Array        # base PRNG key (uint32[2]); step n uses fold_in(rng, n)
+    extra: Any = None  # the stage's extra state (Stage.init_extra), e.g. a reference policy
+
+
+def decayed(params):
+    """Weight-decay mask: True on kernels and embeddings, False on biases and norm
+    scales (as the HF trainers of the reference recipes). By name, not rank: layer
+    params are stacked along a leading "layers" axis (works on boxed params too)."""
+    def by_name(path, _):
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return names[-1] not in ("bias", "scale")
+    return jax.tree_util.tree_map_with_path(by_name, params)
 
 
 def make_optimizer(train_cfg):
-    """AdamW with linear warmup and cosine decay to `min_lr_ratio` x peak, after
-    global-norm gradient clipping. Returns (tx, lr_schedule)."""
+    """AdamW (no decay on biases and norm scales) with linear warmup and cosine decay
+    to `min_lr_ratio` x peak, after global-norm gradient clipping. Returns
+    (tx, lr_schedule)."""
     lr = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=train_cfg.lr, warmup_steps=train_cfg.warmup_steps,
         decay_steps=max(train_cfg.steps, train_cfg.warmup_steps + 1),
         end_value=train_cfg.lr * train_cfg.min_lr_ratio)
     tx = optax.chain(
         optax.clip_by_global_norm(train_cfg.grad_clip),
-        optax.adamw(lr, b1=train_cfg.b1, b2=train_cfg.b2, weight_decay=train_cfg.weight_decay))
+        optax.adamw(lr, b1=train_cfg.b1, b2=train_cfg.b2, weight_decay=train_cfg.weight_decay,
+                    mask=decayed))
     return tx, lr
 
 
-def _init_fn(model: nn.Module, tx):
-    """rng -> TrainState whose params / optimizer state are boxed with logical axes."""
+def _init_fn(model: nn.Module, tx, init_extra=None):
+    """rng -> TrainState whose params / optimizer state (and extra state) are boxed
+    with logical axes."""
     def init_boxed(rng):
         params = model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params), rng=rng)
+                          opt_state=tx.init(params), rng=rng,
+                          extra=init_extra(params) if init_extra else None)
     return init_boxed
 
 
-def abstract_state(model: nn.Module, tx, mesh, rules):
+def abstract_state(model: nn.Module, tx, mesh, rules, init_extra=None):
     """(abstract state, state shardings) from `jax.eval_shape`: the state's leaves as
     ShapeDtypeStructs carrying their shardings (derived from the logical annotations);
     no array is allocated, so a 7B state costs nothing to plan or restore into."""
     with sharding.activate(mesh, rules):
-        boxed = jax.eval_shape(_init_fn(model, tx), jax.random.PRNGKey(0))
+        boxed = jax.eval_shape(_init_fn(model, tx, init_extra), jax.random.PRNGKey(0))
         shardings = sharding.logical_shardings(boxed, mesh, rules)
-    return abstract_like(nn.unbox(boxed), shardings), shardings
+    return sharding.abstract_arrays(nn.unbox(boxed), shardings), shardings
 
 
-def init_state(model: nn.Module, tx, seed: int, mesh, rules):
+def init_state(model: nn.Module, tx, seed: int, mesh, rules, init_extra=None):
     """Initialise the train state directly into its shardings (each device computes
     only its shards: no host copy). Returns (state, state_shardings)."""
-    _, shardings = abstract_state(model, tx, mesh, rules)
-    init_boxed = _init_fn(model, tx)
+    _, shardings = abstract_state(model, tx, mesh, rules, init_extra)
+    init_boxed = _init_fn(model, tx, init_extra)
     with sharding.activate(mesh, rules):
         state = jax.jit(lambda r: nn.unbox(init_boxed(r)), out_shardings=shardings)(
             jax.random.PRNGKey(seed))
     return state, shardings
 
 
-def make_train_step(loss_fn, tx):
-    """(state, batch) -> (state, metrics): one optimizer step on `loss_fn`."""
+def _microbatches(batch: dict, n: int) -> dict:
+    """[B, ...] -> [n, B / n, ...]; microbatch i holds rows i, i + n, ... so each
+    device's contiguous share of the batch splits evenly across microbatches."""
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"a batch of {x.shape[0]} rows does not split into "
+                             f"config.train.microbatches={n}")
+        return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(loss_fn, tx, microbatches: int = 1, update_extra=None):
+    """(state, batch) -> (state, metrics): one optimizer step on `loss_fn`, its
+    gradient averaged over `microbatches` equal slices of the batch (gradient
+    accumulation: one slice's activations in memory at a time); then
+    update_extra(extra, params, step) if given."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, step_metrics), grads = grad_fn(state.params, batch, rng, state.step)
+        if microbatches == 1:
+            (_, step_metrics), grads = grad_fn(state.params, batch, rng, state.step)
+        else:
+            def accumulate(total, xs):
+                i, micro = xs
+                (_, m), g = grad_fn(state.params, micro, jax.random.fold_in(rng, i), state.step)
+                return jax.tree.map(jnp.add, total, g), m
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            grads, per_micro = jax.lax.scan(
+                accumulate, zeros, (jnp.arange(microbatches), _microbatches(batch, microbatches)))
+            grads = jax.tree.map(lambda g: g / microbatches, grads)
+            step_metrics = jax.tree.map(lambda m: jnp.mean(m, 0), per_micro)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        extra = state.extra
+        if update_extra is not None:
+            extra = update_extra(extra, params, state.step + 1)
         step_metrics = {**step_metrics, "grad_norm": optax.global_norm(grads)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), step_metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                             extra=extra), step_metrics
     return train_step
 
 
@@ -97,104 +146,78 @@ def jit_train_step(train_step, state_shardings, mesh):
                    out_shardings=(state_shardings, None), donate_argnums=0)
 
 
-def model_apply(model: nn.Module):
-    """apply_fn(params, tokens, valid=None, lookahead="default", **kw) -> logits; kw
-    are Transformer's keywords: cache, window_start, return_kv (cached decoding) and
-    targets (-> (nll, argmax) instead of logits: the ELBO losses)."""
-    def apply_fn(params, tokens, valid=None, lookahead="default", **kw):
-        return model.apply({"params": params}, tokens, valid, lookahead=lookahead, **kw)
-    return apply_fn
-
-
-def stage_loss(config, model: nn.Module, mask_id: int):
-    """The ELBO loss of the configured stage as loss_fn(params, batch, rng, step)."""
-    loss_cfg = elbo.elbo_config_from_dict(config.loss)
-    fn = functools.partial(elbo.elbo_loss, apply_fn=model_apply(model), cfg=loss_cfg,
-                           mask_id=mask_id)
-    return lambda params, batch, rng, step: fn(params, batch, rng, step=step)
-
-
-def evaluate_nelbo(eval_fn, params, dataset, mesh, rng, max_batches: int) -> float:
-    """Held-out NELBO per token (nats) over at most `max_batches` batches."""
-    total, count = 0.0, 0
-    for i, batch in enumerate(dataset):
-        if i >= max_batches:
-            break
-        nll, n = eval_fn(params, sharding.global_batch(batch, mesh), jax.random.fold_in(rng, i))
-        total += float(jnp.sum(nll))
-        count += int(jnp.sum(n))
-    return total / max(count, 1)
-
-
 def run_tokenizer(config, workdir: str):
-    """The run's tokenizer: data.tokenizer if set; else the one of the run named by
-    init.checkpoint (copied into `workdir`, so ids stay the same across stages); else
-    init.hf_dir's (special tokens it lacks appended; saved as workdir/tokenizer.json);
-    else data.get_tokenizer (cached in `workdir`, trained on first use)."""
-    if config.init.checkpoint and config.init.hf_dir:
-        raise ValueError("config.init: set checkpoint or hf_dir, not both")
-    if not config.data.tokenizer and config.init.hf_dir:
-        tok = tokenizer_lib.HFTokenizer(config.init.hf_dir)
-        if jax.process_index() == 0:
-            tok.save(os.path.join(workdir, "tokenizer.json"))
-        return tok
-    if not config.data.tokenizer and config.init.checkpoint:
-        source = tokenizer_path(config.init.checkpoint)
-        target = os.path.join(workdir, os.path.basename(source))
-        if jax.process_index() == 0 and not os.path.exists(target):
-            shutil.copy(source, target)
-        return tokenizer_lib.load_tokenizer(source)
-    return data.get_tokenizer(config.data, workdir)
-
-
-def tokenizer_path(run_dir: str) -> str:
-    """The tokenizer file a run directory holds (tokenizer.model or tokenizer.json)."""
-    for name in ("tokenizer.model", "tokenizer.json"):
-        path = os.path.join(run_dir, name)
-        if os.path.exists(path):
-            return path
-    raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in run directory {run_dir!r}")
-
-
-def abstract_like(tree, shardings):
-    """ShapeDtypeStructs carrying `shardings` (restore targets)."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
-
-
-def load_run(workdir: str, step: int | None = None):
-    """(config, model, params, tokenizer) of a trained run, params restored onto a mesh
-    of all local devices per the run's mesh config (for sampling and evaluation)."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    model = model_lib.Transformer(model_lib.config_from_dict(config.model))
-    mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.rules_from_config(config.mesh)
-    with sharding.activate(mesh, rules):
-        boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"],
-                               jax.random.PRNGKey(0))
-        shardings = sharding.logical_shardings(boxed, mesh, rules)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), 1, None)
-    params = ckpt.restore_params(abstract_like(nn.unbox(boxed), shardings), step)
-    ckpt.close()
-    return config, model, params, tokenizer_lib.load_tokenizer(tokenizer_path(workdir))
-
-
-def write_config(config, workdir: str):
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2, default=str)
+    """The run's tokenizer, kept in `workdir` (the run directory is self-contained; a
+    resumed run must use the one it was trained with): data.tokenizer if set, or a
+    prepared corpus's own; else that of the run init.checkpoint names (same ids across
+    stages); else init.hf_dir's (special tokens it lacks appended); else one trained on
+    the corpus on first use (data.get_tokenizer)."""
+    init = config.init
+    if init.hf_dir and not config.data.tokenizer:
+        tok, source = tokenizer_lib.HFTokenizer(init.hf_dir), f"init.hf_dir={init.hf_dir!r}"
+    elif init.checkpoint and not config.data.tokenizer:
+        tok, source = runs.load_tokenizer(init.checkpoint), f"init.checkpoint={init.checkpoint!r}"
+    else:
+        tok = data.get_tokenizer(config.data, workdir)
+        source = (f"data.tokenizer={config.data.tokenizer!r}" if config.data.tokenizer else
+                  f"that of data.source={config.data.source!r}")
+    runs.save_tokenizer(tok, workdir, source)
+    return tok
 
 
 class NonFiniteLossError(FloatingPointError):
-    pass
+    exit_code = 1   # dllm.cli: a run that failed, not bad input
+
+
+class DataExhaustedError(RuntimeError):
+    exit_code = 1
+
+
+def make_stage(config, workdir: str, model: nn.Module, tok, mesh, rules) -> Stage:
+    """The stage `config.stage` names, built by its module's make_stage."""
+    ctx = StageContext(config=config, workdir=workdir, model=model, tokenizer=tok, mesh=mesh,
+                       rules=rules, apply_fn=model_lib.model_apply(model))
+    return importlib.import_module(STAGES[config.stage]).make_stage(ctx)
+
+
+def _start_state(config, model, tx, mesh, rules, stage: Stage, ckpt):
+    """(state, shardings): restored from the run's newest readable checkpoint (with the
+    batch source's position), else initialised, with params from config.init if set."""
+    abstract, state_sh = abstract_state(model, tx, mesh, rules, stage.init_extra)
+    if ckpt.latest_step() is not None:  # straight into the shardings: no init, no 2x memory
+        state, data_state = ckpt.restore_newest_readable(abstract)
+        stage.batches.set_state(data_state)
+        return state, state_sh
+    state, _ = init_state(model, tx, config.seed, mesh, rules, stage.init_extra)
+    if config.init.checkpoint:
+        _, params = runs.restore_params(config.init.checkpoint, mesh=mesh, rules=rules,
+                                        model_cfg=model.cfg)
+        state = state.replace(params=params)
+    elif config.init.hf_dir:  # Hugging Face weights, read tensor by tensor into place
+        state = state.replace(params=convert.load_hf_params(config.init.hf_dir, model.cfg,
+                                                            state_sh.params))
+    if stage.init_extra:
+        # Built from the final params (a copy: the step donates both).
+        extra = jax.jit(stage.init_extra, out_shardings=state_sh.extra)(state.params)
+        state = state.replace(extra=extra)
+    return state, state_sh
 
 
 def train_and_evaluate(config, workdir: str) -> TrainState:
-    """Train the configured ELBO stage in `workdir`, resuming from its latest
-    checkpoint; then print and save a sample. Returns the final state."""
-    write_config(config, workdir)
+    """Train the configured stage in `workdir`, resuming from its latest checkpoint;
+    then print and save a sample. Returns the final state.
+
+    Nothing is written before the config is validated and, in an existing run, checked
+    against it (a mismatch leaves the run as it was); config.json is written once the
+    state is restored or initialised. The run's lock is held throughout, and a stop
+    request (SIGTERM, Ctrl-C) from then on saves at the next step boundary."""
+    config_lib.validate(config)
+    runs.check_resume(config, workdir)
+    with runs.lock(workdir), checkpoint.catch_stop_signals():
+        return _train(config, workdir)
+
+
+def _train(config, workdir: str) -> TrainState:
     tok = run_tokenizer(config, workdir)
     model_cfg = model_lib.config_from_dict(config.model)
     if tok.vocab_size > model_cfg.vocab_size:
@@ -204,72 +227,71 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
     tx, lr = make_optimizer(config.train)
-    abstract, state_sh = abstract_state(model, tx, mesh, rules)
-
-    if config.train.batch_size % jax.process_count():
-        raise ValueError(f"train.batch_size={config.train.batch_size} is not a multiple of the "
-                         f"{jax.process_count()} processes")
-    per_process = config.train.batch_size // jax.process_count()
-    make_ds = functools.partial(data.make_dataset, config.data, tok, batch_size=per_process,
-                                seed=config.seed, process_index=jax.process_index(),
-                                process_count=jax.process_count())
-    train_iter = iter(make_ds(split="train"))
-    # Built now so that an unusable eval split fails before training, not after it.
-    eval_ds = make_ds(split="eval") if config.train.eval_every else None
+    stage = make_stage(config, workdir, model, tok, mesh, rules)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                    config.checkpoint.every, config.checkpoint.keep)
-    if ckpt.latest_step() is not None:  # straight into the shardings: no init, no 2x memory
-        state, data_state = ckpt.restore(abstract)
-        train_iter.set_state(data_state)
-    else:
-        state, _ = init_state(model, tx, config.seed, mesh, rules)
-        if config.init.checkpoint:
-            init = checkpoint.Checkpointer(os.path.join(config.init.checkpoint, "checkpoints"),
-                                           1, None)
-            state = state.replace(params=init.restore_params(abstract.params))
-            init.close()
-        elif config.init.hf_dir:  # Hugging Face weights, read tensor by tensor into place
-            state = state.replace(params=convert.load_hf_params(config.init.hf_dir, model_cfg,
-                                                                state_sh.params))
+    state, state_sh = _start_state(config, model, tx, mesh, rules, stage, ckpt)
+    runs.write_config(config, workdir)
 
-    with sharding.activate(mesh, rules), checkpoint.catch_sigterm():
-        step_fn = jit_train_step(make_train_step(stage_loss(config, model, tok.mask_id), tx),
-                                 state_sh, mesh)
-        eval_fn = jax.jit(functools.partial(
-            elbo.nelbo, apply_fn=model_apply(model), mask_id=tok.mask_id,
-            cfg=elbo.elbo_config_from_dict(config.loss), num_samples=config.train.eval_samples))
-        state = _loop(config, workdir, state, step_fn, eval_fn, train_iter, eval_ds, ckpt,
-                      lr, model_cfg, mesh)
+    with sharding.activate(mesh, rules):
+        step_fn = jit_train_step(make_train_step(stage.loss_fn, tx, config.train.microbatches,
+                                                 stage.update_extra), state_sh, mesh)
+        state = _loop(config, workdir, state, step_fn, stage, ckpt, lr, mesh)
     ckpt.close()
     if int(state.step) < config.train.steps:
-        print(f"preempted: saved step {int(state.step)} in {workdir}/checkpoints; rerun the same "
-              "command to resume")
+        print(f"{checkpoint.stop_reason()}: saved step {int(state.step)} in {workdir}/checkpoints;"
+              " rerun the same command to resume")
         return state
     print_sample(config, workdir, model, state.params, tok)
     return state
 
 
-def _loop(config, workdir, state, step_fn, eval_fn, train_iter, eval_ds, ckpt, lr,
-          model_cfg, mesh):
-    """The step loop: log, eval, checkpoint; stops on a non-finite loss, and after
-    saving on a preemption notice."""
+def _log_row(step: int, host: dict, stage: Stage, n_steps: int, dt: float, lr_now: float,
+             ceiling: float) -> dict:
+    """The logged row: the stage's metrics (means over the interval), its batch
+    source's host figures, the learning rate, and throughput when the stage gives it."""
+    row = {**host, **stage.batches.metrics(step), "lr": lr_now}
+    if stage.tokens_per_step:
+        row["tokens_per_s"] = stage.tokens_per_step * n_steps / dt
+    if stage.flops_per_step:
+        row["mfu"] = stage.flops_per_step * n_steps / dt / ceiling
+    return row
+
+
+def _loop(config, workdir, state, step_fn, stage: Stage, ckpt, lr, mesh):
+    """The step loop: log, evaluate, checkpoint; stops on a non-finite loss, and
+    after saving on a preemption notice."""
     tc = config.train
-    tokens_per_step = tc.batch_size * config.data.seq_len
-    flops_per_step = model_lib.flops_per_token(model_cfg, config.data.seq_len) * tokens_per_step
-    ceiling = metrics.matmul_ceiling(model_cfg.dtype) * jax.device_count()
-    writer = metrics.MetricsWriter(workdir)
     start = int(state.step)
+    metrics.drop_rows_after(workdir, start)
+    writer = metrics.MetricsWriter(workdir)
+    evaluate = stage.evaluate if tc.eval_every else None
+    # MFU is against a matmul ceiling measured in this run, on these devices.
+    ceiling = (metrics.matmul_ceiling(config.model.dtype) * jax.device_count()
+               if stage.flops_per_step else 0.0)
+    if evaluate and start == 0:
+        writer.write(0, evaluate(state))
     bar = tqdm(total=tc.steps, initial=start, desc="train", dynamic_ncols=True,
                disable=jax.process_index() != 0)
     t_last, pending = time.perf_counter(), []   # device metrics since the last log
     for step in range(start + 1, tc.steps + 1):
-        state, step_metrics = step_fn(state, sharding.global_batch(next(train_iter), mesh))
+        try:
+            batch = stage.batches.next(state)
+        except StopIteration:  # finite data (a mixture's epochs): keep what was trained
+            ckpt.save(step - 1, state, stage.batches.get_state(), force=True)
+            ckpt.close()
+            raise DataExhaustedError(
+                f"the training data ran out before step {step} (config.data epochs); step "
+                f"{step - 1} is saved in {workdir}/checkpoints. Lower config.train.steps or "
+                "raise the epochs.") from None
+        state, step_metrics = step_fn(state, sharding.global_batch(batch, mesh))
         pending.append(step_metrics)
         bar.update(1)
         log_now = step % tc.log_every == 0 or step in (start + 1, tc.steps)
+        eval_now = evaluate and (step % tc.eval_every == 0 or step == tc.steps)
         preempted = ckpt.reached_preemption(step)
         save_now = step % config.checkpoint.every == 0 or step == tc.steps or preempted
-        if not (log_now or save_now):
+        if not (log_now or eval_now or save_now):
             continue
         # Logged values are means over the steps since the last log (one transfer).
         host = metrics.to_host(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *pending))
@@ -278,19 +300,18 @@ def _loop(config, workdir, state, step_fn, eval_fn, train_iter, eval_ds, ckpt, l
             raise NonFiniteLossError(
                 f"non-finite metrics at step {step}: {host}; stopping. The last good "
                 f"checkpoint (step {ckpt.latest_step()}) in {workdir}/checkpoints is intact.")
-        if log_now:
-            dt = time.perf_counter() - t_last
-            host.update(lr=float(lr(step - 1)), tokens_per_s=tokens_per_step * len(pending) / dt,
-                        mfu=flops_per_step * len(pending) / dt / ceiling)
-            if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
-                host["eval_nelbo"] = evaluate_nelbo(eval_fn, state.params, eval_ds,
-                                                    mesh, jax.random.PRNGKey(config.seed + 1),
-                                                    tc.eval_batches)
-            writer.write(step, host)
-            bar.set_postfix(loss=f"{host['loss']:.3f}", acc=f"{host['accuracy']:.3f}")
+        if log_now or eval_now:
+            row = _log_row(step, host, stage, len(pending), time.perf_counter() - t_last,
+                           float(lr(step - 1)), ceiling)
+            if eval_now:
+                row.update(evaluate(state))
+            writer.write(step, row)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in row.items()
+                             if k == "loss" or k.startswith("eval_")})
             t_last, pending = time.perf_counter(), []
         if save_now:
-            ckpt.save(step, state, train_iter.get_state(), force=step == tc.steps or preempted)
+            ckpt.save(step, state, stage.batches.get_state(),
+                      force=step == tc.steps or preempted)
         if preempted:
             break
     bar.close()
@@ -298,16 +319,14 @@ def _loop(config, workdir, state, step_fn, eval_fn, train_iter, eval_ds, ckpt, l
     return state
 
 
-def print_sample(config, workdir: str, model, params, tok):
+def print_sample(config, workdir: str, model, params, tok) -> str:
     """Decode a completion of config.sample.prompt; print it and save it."""
     sample_cfg = sampling.sample_config_from_dict(config.sample)
-    prompt = np.asarray([tok.encode(config.sample.prompt)], np.int32)
-    out = jax.jit(functools.partial(
-        sampling.generate, cfg=sample_cfg, apply_fn=model_apply(model), mask_id=tok.mask_id))(
-            params, prompt, jax.random.PRNGKey(config.seed)).tokens
-    text = tok.decode(np.asarray(out[0, prompt.shape[1]:]).tolist())
+    out = sampling.generate_text(params, [config.sample.prompt], jax.random.PRNGKey(config.seed),
+                                 sample_cfg, apply_fn=model_lib.model_apply(model), tokenizer=tok,
+                                 max_len=config.data.seq_len, truncate_prompts=True)
+    text = out.texts[0]
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "sample.txt"), "w") as f:
-            f.write(config.sample.prompt + text)
+        fs.write_text(os.path.join(workdir, "sample.txt"), config.sample.prompt + text)
         print(f"--- sample ({sample_cfg.max_new_tokens} tokens) ---\n{config.sample.prompt}{text}")
     return text

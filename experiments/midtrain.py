@@ -7,12 +7,15 @@ reused unless data.tokenizer is set).
         slice of the standard library (the json, email, asyncio and collections
         packages).
   7b    the paper's recipe: 16B tokens of annealing code data x 4 epochs, LR 1e-5,
-        2k warmup, cosine to 10% (~98k steps at 160 x 4096 tokens).
+        2k warmup, cosine to 10%: 97.6k steps at 160 x 4096 tokens, after which the
+        data ends. Reads a corpus prepared once with the Stage-1 run's tokenizer:
+          python -m dllm.prepare --source=jsonl --path='anneal/*.jsonl.gz' \\
+              --out=gs://YOUR_BUCKET/dllm/stage2/anneal --tokenizer=RUN_DIR/tokenizer.json
 """
 from dllm.config import base_config
 
 
-def get_config(arg: str = "tiny"):
+def get_config(arg: str = ""):
     if arg == "tiny":
         c = base_config("tiny")
         c.model.vocab_size = 512
@@ -26,10 +29,12 @@ def get_config(arg: str = "tiny"):
     if arg == "7b":
         c = base_config("7b")
         c.model.update(dtype="bfloat16", remat="full")
-        c.data.update(source="jsonl", path="", seq_len=4096, eval_fraction=0.001)
-        c.train.update(steps=98_000, batch_size=160, lr=1e-5, warmup_steps=2_000,
+        c.data.update(source="prepared", seq_len=4096, packing="windows")
+        c.data.mixture = dict(anneal=dict(path="gs://YOUR_BUCKET/dllm/stage2/anneal", epochs=4))
+        c.train.update(steps=97_500, batch_size=160, lr=1e-5, warmup_steps=2_000,
                        min_lr_ratio=0.1, weight_decay=0.0, log_every=10, eval_every=5000)
         c.checkpoint.update(every=1000, keep=3)
         c.mesh.update(data=1, fsdp=-1, tensor=1)
         return c
-    raise ValueError(f"unknown variant {arg!r} of experiments/midtrain.py; allowed: tiny, 7b")
+    raise ValueError(f"experiments/midtrain.py: variant {arg!r}; pass one of tiny, 7b "
+                     "after a colon (--config=experiments/midtrain.py:tiny)")

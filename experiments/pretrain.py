@@ -10,14 +10,19 @@
         (2 per GPU x 80 GPUs), 100k steps (65B tokens), Adam peak LR 2e-5, 20k warmup,
         cosine to 10%; 1% of batches truncated to a random length and 1% with a random
         clean prefix; attention annealed from causal to full over 10k steps when
-        starting from Qwen2.5-Coder-7B (DiffuLLaMA).
+        starting from Qwen2.5-Coder-7B (DiffuLLaMA). Reads three corpora prepared once
+        with Qwen2.5-Coder-7B's tokenizer (set the paths to yours):
+          python -m dllm.prepare --source=jsonl --path='code/*.jsonl.gz' \\
+              --out=gs://YOUR_BUCKET/dllm/stage1/code --tokenizer=Qwen2.5-Coder-7B
+        and likewise text and math; mixed as code 78%, code-related text 20%, math 2%
+        with sample weight 3 (the paper's corpus).
 
   python -m dllm.main --config=experiments/pretrain.py:tiny --workdir=runs/pretrain
 """
 from dllm.config import base_config
 
 
-def get_config(arg: str = "tiny"):
+def get_config(arg: str = ""):
     if arg == "tiny":
         c = base_config("tiny")
         c.model.vocab_size = 512
@@ -41,7 +46,11 @@ def get_config(arg: str = "tiny"):
         # Adapts Qwen2.5-Coder-7B: pass --config.init.hf_dir=DIR.
         c = base_config("7b")
         c.model.update(dtype="bfloat16", remat="full")
-        c.data.update(source="jsonl", path="", seq_len=4096, eval_fraction=0.001)
+        c.data.update(source="prepared", seq_len=4096, packing="windows")
+        c.data.mixture = dict(
+            code=dict(path="gs://YOUR_BUCKET/dllm/stage1/code", weight=0.78),
+            text=dict(path="gs://YOUR_BUCKET/dllm/stage1/text", weight=0.20),
+            math=dict(path="gs://YOUR_BUCKET/dllm/stage1/math", weight=0.02, sample_weight=3.0))
         c.loss.update(truncate_prob=0.01, prefix_prob=0.01, anneal_steps=10_000)
         c.train.update(steps=100_000, batch_size=160, lr=2e-5, warmup_steps=20_000,
                        min_lr_ratio=0.1, weight_decay=0.0, b2=0.999, log_every=10,
@@ -50,4 +59,5 @@ def get_config(arg: str = "tiny"):
         c.mesh.update(data=1, fsdp=-1, tensor=1)
         c.sample.update(max_new_tokens=256)
         return c
-    raise ValueError(f"unknown variant {arg!r} of experiments/pretrain.py; allowed: tiny, adapt, 7b")
+    raise ValueError(f"experiments/pretrain.py: variant {arg!r}; pass one of tiny, adapt, 7b "
+                     "after a colon (--config=experiments/pretrain.py:tiny)")

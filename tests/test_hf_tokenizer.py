@@ -69,6 +69,15 @@ def test_save_keeps_the_appended_ids(tok, tmp_path):
     assert again.added == [] and again.mask_id == tok.mask_id and again.pad_id == tok.pad_id
 
 
+def test_save_and_load_on_gs(tok, tok_dir, fake_gcs):
+    tok.save("gs://bucket/run/tokenizer.json")
+    for path in ("gs://bucket/run/tokenizer.json", "gs://bucket/run"):
+        again = tokenizer_lib.load_tokenizer(path)
+        assert again.added == [] and again.vocab_size == tok.vocab_size == 1003
+        text = "def f(x):\n    return x  # ünïcode\n"
+        assert again.encode(text) == tok.encode(text)
+
+
 def test_chat_template_markers_are_single_ids(tok):
     text = tok.apply_chat_template([{"role": "user", "content": "Sort a list."}],
                                    add_generation_prompt=True)

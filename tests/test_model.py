@@ -51,6 +51,31 @@ def test_lookahead_interpolates_between_causal_and_full(params):
     assert diff[:3].max() == 0.0 and diff[3] > 1e-4
 
 
+def test_lookahead_array_lets_a_query_see_exactly_the_allowed_keys():
+    """One layer: the output of a valid query i depends on token j != i iff (i, j) is
+    allowed and j is a valid token; an [S, S] array applies to every row, a
+    [B, S, S] one row by row."""
+    cfg = dataclasses.replace(CFG, layers=1)
+    p = M.Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    rng = np.random.default_rng(0)
+    allowed = rng.random((2, 10, 10)) < 0.5
+    allowed[:, np.arange(10), np.arange(10)] = True
+    valid = np.ones((2, 10), bool)
+    valid[1, 7] = False
+    x = tokens(s=10)
+    # Input j of the stack has token j changed in both rows.
+    changed = jnp.stack([x.at[:, j].set((x[:, j] + 1) % CFG.vocab_size) for j in range(10)])
+    fwd = jax.jit(jax.vmap(lambda t, la: apply(p, t, cfg, valid=jnp.asarray(valid),
+                                               lookahead=la), in_axes=(0, None)))
+    for lookahead, per_row in ((allowed[0], allowed[:1].repeat(2, 0)), (allowed, allowed)):
+        out = np.asarray(fwd(x[None], jnp.asarray(lookahead))[0])
+        moved = np.abs(np.asarray(fwd(changed, jnp.asarray(lookahead))) - out).max(-1) > 1e-6
+        for j in range(10):
+            want = per_row[:, :, j] & valid[:, j:j + 1]
+            want[:, j] = True   # a token always moves its own output
+            np.testing.assert_array_equal(moved[j][valid], want[valid])
+
+
 def test_left_padding_changes_no_real_output(params):
     x = tokens(s=10)
     pad = 5

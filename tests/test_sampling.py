@@ -9,7 +9,7 @@ import pytest
 
 from dllm import model as M
 from dllm import sampling as S
-from dllm.train import model_apply
+from dllm.model import model_apply
 
 VOCAB = 64
 MASK, PAD, EOS = 63, 62, 61
@@ -255,6 +255,53 @@ def test_parallel_counts_match_fast_dllm_rules():
             assert int(got[row]) == n
 
 
+def test_parallel_commits_the_most_probable_proposal_not_the_rules_favourite():
+    """Entropy ranks position 2 (p = 0.89, the rest on one token) above position 3
+    (p = 0.91, the rest spread over 60 tokens); threshold 0.9 commits position 3."""
+    hand = np.full((1, 2 + 2, VOCAB), -30.0)
+    hand[0, 2, :2] = np.log([0.89, 0.11])
+    hand[0, 3, :61] = np.log([0.91] + [0.09 / 60] * 60)
+    entropy = np_confidence("entropy", hand[0, 2:, :MASK])
+    assert entropy[0] > entropy[1]
+    out = run_fixed(hand, 2, alg="entropy", parallel="threshold", threshold=0.9)
+    np.testing.assert_array_equal(np.asarray(out.order)[0, 2:], [1, 0])
+
+
+def np_parallel_count(p, parallel):
+    """Fast-dLLM's count from the proposals' probabilities p [W] (threshold 0.75, factor 1)."""
+    if parallel == "threshold":
+        return max(1, int((p > 0.75).sum()))
+    c = -np.sort(-p)
+    return max([1] + [m for m in range(1, len(c) + 1) if (m + 1) * (1 - c[m - 1]) < 1.0])
+
+
+@pytest.mark.parametrize("parallel", ["threshold", "factor"])
+@pytest.mark.parametrize("alg", ["entropy", "topk_margin", "random"])
+def test_parallel_first_step_commits_the_k_most_probable(alg, parallel):
+    """Ten positions whose top token has a random probability in (0.5, 0.97) and the
+    rest on one token or spread over 60 (so the rules rank them otherwise): the
+    first step commits NumPy's count, the positions with the most probable tokens."""
+    rng = np.random.default_rng(9)
+    top = rng.uniform(0.5, 0.97, (2, 10))
+    spread = rng.choice([1, 60], (2, 10))
+    logits = np.full((2, 3 + 10, VOCAB), -30.0)
+    for row, i in np.ndindex(2, 10):
+        logits[row, 3 + i, 0] = np.log(top[row, i])
+        logits[row, 3 + i, 1:1 + spread[row, i]] = np.log((1 - top[row, i]) / spread[row, i])
+    p = np_confidence("maskgit_plus", logits[:, 3:, :MASK])  # the greedy token's probability
+    out = run_fixed(logits, 3, alg=alg, parallel=parallel, threshold=0.75, factor=1.0)
+    first = np.asarray(out.order)[:, 3:] == 0
+    rule_differs = alg == "random"
+    for row in range(2):
+        k = np_parallel_count(p[row], parallel)
+        assert 1 < k < 10
+        most_probable = np.argsort(-p[row])[:k]
+        np.testing.assert_array_equal(np.flatnonzero(first[row]), np.sort(most_probable))
+        by_rule = np.argsort(-np_confidence(alg, logits[row, 3:, :MASK]))[:k]
+        rule_differs |= set(by_rule) != set(most_probable)
+    assert rule_differs  # the rule alone would have picked other positions
+
+
 def test_threshold_one_is_one_token_per_step_and_zero_is_one_step_per_block(params, prompts):
     one = np.asarray(run(params, prompts, alg="maskgit_plus", parallel="threshold",
                          threshold=1.0).order)[:, 8:]
@@ -367,3 +414,76 @@ def test_sample_config_from_dict_rejects_unknown_keys():
         S.SampleConfig(alg="confidence")
     with pytest.raises(ValueError, match="block_length"):
         S.SampleConfig(cache=True)
+    with pytest.raises(ValueError, match="alg_temp"):
+        S.SampleConfig(parallel="threshold", alg_temp=0.5)
+
+
+# ---- the text-level helper ----
+
+class _Vocab:
+    """A stand-in tokenizer over the test model's 64 ids: text = one character per id
+    (chr(48 + id)); MASK / PAD / EOS as above; <|im_end|> = 60."""
+    vocab_size, mask_id, pad_id, eos_id, im_end_id = VOCAB, MASK, PAD, EOS, 60
+
+    def encode(self, text):
+        return [ord(c) - 48 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(48 + i) for i in ids)
+
+    def apply_chat_template(self, messages, add_generation_prompt):
+        return "<" + messages[-1]["content"] + ">" + ("!" if add_generation_prompt else "")
+
+
+def test_generate_text_cuts_each_row_at_its_own_stop(params):
+    tok, cfg = _Vocab(), S.SampleConfig(max_new_tokens=N, steps=N, temperature=1.0)
+    texts = ["123", "45678"]
+    gen = S.generate_text(params, texts, jax.random.key(5), cfg, apply_fn=APPLY, tokenizer=tok,
+                          multiple=8)
+    assert gen.prompts.shape == (2, 8) and gen.prompt_valid.sum(1).tolist() == [3, 5]
+    tokens = np.asarray(gen.decoded.tokens)
+    for row, text in zip(tokens, gen.texts):       # by hand: ids after the prompt, to a stop
+        ids = row[8:].tolist()
+        stops = [i for i, t in enumerate(ids) if t in (PAD, EOS, 60)]
+        assert text == "".join(chr(48 + t) for t in ids[:stops[0] if stops else None])
+        if EOS in ids:                                # the sampler got the EOS id: pads after it
+            assert all(t == PAD for t in ids[ids.index(EOS) + 1:])
+    chat = S.generate_text(params, ["12"], jax.random.key(5), cfg, apply_fn=APPLY,
+                           tokenizer=tok, chat=True, multiple=1)
+    assert tok.decode(chat.prompts[0].tolist()) == "<12>!"
+
+
+def test_generate_text_infills_between_text_and_suffix(params):
+    tok, cfg = _Vocab(), S.SampleConfig(max_new_tokens=4, steps=4)
+    gen = S.generate_text(params, ["12", "3"], jax.random.key(0), cfg, apply_fn=APPLY,
+                          tokenizer=tok, suffix="99", multiple=1)
+    tokens = np.asarray(gen.decoded.tokens)
+    assert tokens.shape == (2, 8)                     # nothing appended: the hole is inside
+    np.testing.assert_array_equal(tokens[:, -2:], [[9, 9], [9, 9]])
+    for row, text in zip(tokens, gen.texts):
+        hole = row[2:6].tolist()
+        stops = [i for i, t in enumerate(hole) if t in (PAD, EOS, 60)]
+        assert text == tok.decode(hole[:stops[0] if stops else None])
+
+
+# ----------------------------------------------------------------------------- trace
+
+def test_trace_holds_each_masked_positions_confidence_until_it_is_committed():
+    """With logits that ignore the canvas, the traced confidence of a position is NumPy's
+    negative entropy of its logits at every step up to the one that commits it, and nan
+    from the next step on (and on the prompt); without trace=True there is none."""
+    rand = np.asarray(jax.random.normal(jax.random.key(9), (2, 3 + 8, VOCAB))) * 3
+    out = run_fixed(rand, 3, alg="entropy", schedule="dream")
+    assert out.trace is None
+    x = jnp.zeros((2, 3), jnp.int32)
+    cfg = S.SampleConfig(max_new_tokens=8, steps=8, alg="entropy")
+    out = S.generate(jnp.asarray(rand, jnp.float32), x, jax.random.key(0), cfg,
+                     apply_fn=FIXED, mask_id=MASK, trace=True)
+    trace, order = np.asarray(out.trace), np.asarray(out.order)
+    assert trace.shape == (11, 2, 11)  # the loop's bound: max(steps, P + N)
+    conf = np_confidence("entropy", rand[..., :MASK])
+    steps = np.arange(11)[:, None, None]
+    still_masked = (order[None] >= steps) & (steps <= order.max())
+    np.testing.assert_allclose(trace[still_masked], np.broadcast_to(conf, trace.shape)[still_masked],
+                               rtol=1e-5, atol=1e-6)
+    assert np.isnan(trace[~still_masked]).all()

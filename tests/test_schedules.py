@@ -1,4 +1,6 @@
 """Masking schedules and time samplers."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +29,29 @@ def test_weight_is_minus_alpha_prime_over_one_minus_alpha(name):
     d_alpha = (alpha(t + h) - alpha(t - h)) / (2 * h)
     expected = -d_alpha / (1.0 - alpha(t))
     np.testing.assert_allclose(np.asarray(s.weight(jnp.asarray(t))), expected, rtol=2e-3)
+
+
+def np_weight(name, t):
+    """-alpha'(t) / (1 - alpha(t)) in float64 from each alpha's derivative; the cosine's
+    1 - cos x summed as its Taylor series (no cancellation at small x)."""
+    if name == "cosine":
+        x = np.pi * t / 2
+        one_minus_cos = sum((-1) ** (k + 1) * x ** (2 * k) / math.factorial(2 * k)
+                            for k in range(1, 15))
+        return np.pi / 2 * np.sin(x) / one_minus_cos
+    if name == "polynomial":  # alpha = 1 - t^2
+        return 2 * t / t ** 2
+    if name == "loglinear":   # alpha = 1 - (1 - eps) t
+        return (1 - 1e-3) / ((1 - 1e-3) * t)
+    return 1 / t
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_weight_is_finite_and_accurate_in_float32_down_to_t_1e_6(name):
+    t32 = np.geomspace(1e-6, 1.0, 61).astype(np.float32)
+    got = np.asarray(schedules.get_schedule(name).weight(jnp.asarray(t32)))
+    assert got.dtype == np.float32 and np.isfinite(got).all()
+    np.testing.assert_allclose(got, np_weight(name, t32.astype(np.float64)), rtol=1e-5)
 
 
 def test_linear_weight_is_one_over_t():

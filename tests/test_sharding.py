@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-import runs
+import subprocess_runs as runs
 import tiny_config
-from dllm import model as model_lib, sharding, train
+from dllm import elbo, model as model_lib, sharding, train
 
 MESH_222 = {"data": 2, "fsdp": 2, "tensor": 2}
 
@@ -63,7 +63,8 @@ def _run(mesh, config, batches):
     tx, _ = train.make_optimizer(config.train)
     rules = sharding.rules_from_config(config.mesh)
     state, shardings = train.init_state(model, tx, 0, mesh, rules)
-    loss_fn = train.stage_loss(config, model, mask_id=config.model.vocab_size - 1)
+    loss_fn = elbo.stage_loss(config.loss, model_lib.model_apply(model),
+                              config.model.vocab_size - 1)
     with sharding.activate(mesh, rules):
         step = train.jit_train_step(train.make_train_step(loss_fn, tx), shardings, mesh)
         losses = []

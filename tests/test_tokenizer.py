@@ -1,7 +1,7 @@
 """Tests for dllm/tokenizer.py: byte-exact round trips, special tokens, chat template."""
 import pytest
 
-from dllm import data
+from dllm import data, fs
 from dllm import tokenizer as tokenizer_lib
 
 
@@ -115,6 +115,17 @@ def test_load_tokenizer(tok, tmp_path):
         tokenizer_lib.load_tokenizer(str(tmp_path / "nothere.model"))
     with pytest.raises(ValueError, match="unknown file type"):
         tokenizer_lib.load_tokenizer(str(tmp_path / "tok.bin"))
+
+
+def test_train_and_load_on_gs(fake_gcs):
+    """Trained in a temporary directory, uploaded whole to the run directory on gs://."""
+    path = "gs://bucket/run/tokenizer.model"
+    tok = tokenizer_lib.train_sentencepiece(["def f(x):\n    return x\n"] * 20, 300, path)
+    assert fs.listdir("gs://bucket/run") == ["tokenizer.model"]
+    again = tokenizer_lib.load_tokenizer(path)
+    assert again.vocab_size == tok.vocab_size
+    assert again.encode("def g(y):\n") == tok.encode("def g(y):\n")
+    assert again.decode(again.encode("def g(y):\n")) == "def g(y):\n"
 
 
 def test_train_on_empty_corpus_fails(tmp_path):

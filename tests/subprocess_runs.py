@@ -10,7 +10,8 @@ import time
 import jax
 import numpy as np
 
-from dllm import checkpoint, data, metrics
+from dllm import data, metrics, sharding
+from dllm import runs as dllm_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 180
@@ -89,7 +90,7 @@ def metric_rows(workdir: str) -> list[dict]:
 
 def losses(workdir: str) -> dict[int, float]:
     """{step: loss} from metrics.jsonl (a resumed run appends: later rows win)."""
-    return {r["step"]: r["loss"] for r in metric_rows(workdir)}
+    return {r["step"]: r["loss"] for r in metric_rows(workdir) if "loss" in r}
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -104,11 +105,6 @@ def free_port() -> int:
 
 def restore_params(workdir: str):
     """The latest checkpoint's params as host numpy arrays (whatever mesh saved them)."""
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), 1, None)
-    meta = ckpt.manager.item_metadata(ckpt.latest_step())["state"]["params"]
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                            meta)
-    params = ckpt.restore_params(abstract)
-    ckpt.close()
+    one_device = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    _, params = dllm_runs.restore_params(workdir, mesh=one_device)
     return jax.tree.map(np.asarray, params)
