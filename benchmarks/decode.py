@@ -25,14 +25,16 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
 
-from dllm import model as model_lib
-from dllm import runs, sampling
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dllm import model as model_lib, runs, sampling  # noqa: E402
 
 CODE_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef list_files(path):\n",
                 "class Stack:\n    def __init__(self):\n", "def parse_args(argv):\n"]

@@ -11,8 +11,9 @@ Attention (`attention`, chosen by `model.attention`):
   pallas  the Pallas splash-attention kernel (TPU): padding as segment ids, a static
           causal / lookahead band as a block-sparse mask. Calls it cannot take run
           the xla path: lengths that are not multiples of 128 (decoding windows) and
-          a lookahead that is traced (attention annealing). Off a TPU it runs in
-          Pallas interpret mode (slow; for tests and memory plans).
+          an annealing lookahead (traced, or an [S, S] array of allowed pairs: Stage
+          1's attention annealing). Off a TPU it runs in Pallas interpret mode
+          (slow; for tests and memory plans).
   auto    cudnn on a GPU in bfloat16 / float16, pallas on a TPU, xla otherwise.
 
 `dense` is the projection matmul. On CPU the backward passes of `dense` and of the
@@ -184,8 +185,8 @@ class Mask:
     full: [B, 1, W, K] bool (xla, cudnn). For pallas: q_valid [B, W] and k_valid [B, K]
     bool (padding, as segment ids) and, static (not traced through jit / scan / remat),
     lookahead: None = every key, or an int: query i sees keys j <= i + lookahead (a
-    block-sparse mask); static_band False when the lookahead is traced (then pallas
-    takes the xla path)."""
+    block-sparse mask); static_band False when the lookahead is traced or an array
+    of allowed pairs (then pallas takes the xla path)."""
     full: Array
     q_valid: Array
     k_valid: Array

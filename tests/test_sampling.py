@@ -337,7 +337,6 @@ def test_greedy_batch_with_left_padding_equals_each_row_alone(params, prompts, k
         assert int(batch.steps[row]) == int(alone.steps[0])
 
 
-
 def test_one_block_window_from_concrete_prompts_changes_nothing(params, prompts):
     """Eager prompts let one-block decoding propose from the first generated position
     on; under jit (traced prompts) the window is the whole canvas. Same output, with
@@ -353,6 +352,7 @@ def test_one_block_window_from_concrete_prompts_changes_nothing(params, prompts)
         assert S._generated_span(x, valid, N, MASK) == 8 + N - 4
         np.testing.assert_array_equal(eager.tokens, traced.tokens)
         np.testing.assert_array_equal(eager.order, traced.order)
+
 
 # ----------------------------------------------------------------------------- EOS
 
