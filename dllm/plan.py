@@ -2,7 +2,7 @@
 
     python -m dllm.plan --config=experiments/pretrain.py:7b --mesh=fsdp:32 --hbm_gb=95
     python -m dllm.plan --config=experiments/sft.py:7b --mesh=fsdp:8,tensor:2 --remat=none,full,dots
-    python -m dllm.plan --config=experiments/pretrain.py:7b --mesh=fsdp:32 --attention=pallas
+    python -m dllm.plan --config=experiments/midtrain.py:7b --mesh=fsdp:32 --attention=pallas
 
 Lowers and compiles the real train step (the config's model, optimizer, loss, batch
 and sharding rules, state donated) for a mesh of fake CPU devices against abstract
@@ -15,7 +15,8 @@ quote HBM in). One row per remat policy asked for. The step is the one the confi
 runs: the output head's chunked cross-entropy (`model.xent_chunk`) and the attention
 path `--attention` names (default the config's `model.attention`, which resolves to
 the XLA path on these CPU devices; `pallas` plans the TPU's splash-attention kernel,
-compiled here in interpret mode).
+compiled here in interpret mode; a step with attention annealing, `loss.anneal_steps`
+> 0, takes the XLA path under `pallas` too).
 
 The CPU compiler's temporaries are an estimate for a TPU: the TPU compiler fuses and
 lays out differently (usually tighter), so leave a margin.
