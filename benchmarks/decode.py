@@ -1,12 +1,18 @@
 """Decoding speed: tokens/s and model calls per generated token for one-per-step,
-block, threshold (tau 0.9) and threshold + KV cache decoding, and the sampler's
-overhead over the bare forward passes.
+block, threshold (tau 0.9) and threshold + KV cache decoding, the sampler's
+overhead over the bare forward passes, and memory.
 
-    python benchmarks/decode.py [--presets tiny,100m] [--workdir RUN] [--json OUT]
+    python benchmarks/decode.py [--presets tiny,100m] [--batch 4] [--workdir RUN]
+                                [--alg entropy --temperature 0.2 --top_p 0.95] [--json OUT]
 
-A preset runs with random weights (no confidence ever reaches tau = 0.9, so the
-threshold rule commits one token per step there and its speed-up is the cache's
-alone); `--workdir` adds a trained run, whose confidences are real.
+On CPU the presets run in float32; on a GPU / TPU the default is the
+qwen2.5-coder-1.5b shape made bidirectional, in bfloat16 weights, at batches 1 and 8,
+prompt 64 + 256 new tokens, entropy rule, temperature 0.2, top-p 0.95 (the issue's
+H200 case). A preset runs with random weights (no confidence ever reaches tau = 0.9,
+so the threshold rule commits one token per step there and its speed-up is the
+cache's alone); `--workdir` adds a trained run, whose confidences are real.
+Memory: XLA's plan of the compiled one-per-step and threshold + cache generate
+(arguments + outputs + temporaries) and the device's peak where it reports one.
 
 overhead_ratio = time(generate, S steps) / (S x time(one forward of the same batch))
 speedup_threshold_cache = tokens/s(threshold + cache) / tokens/s(one per step)
@@ -19,14 +25,16 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
 
-from dllm import model as model_lib
-from dllm import runs, sampling
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dllm import model as model_lib, runs, sampling  # noqa: E402
 
 CODE_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef list_files(path):\n",
                 "class Stack:\n    def __init__(self):\n", "def parse_args(argv):\n"]
@@ -41,30 +49,37 @@ def cpu_name() -> str:
 
 
 def interleaved_times(calls: dict, reps: int):
-    """Per-call wall and CPU seconds of each jit(fn)(*args) in `calls` {name: (fn, args,
-    repeat)}: compiled ahead, then each called `repeat` times back to back, in turn,
-    `reps` times (so that a shared machine's load falls on all alike); the fastest
-    rep of each. CPU time (this process) is what other processes' load cannot inflate.
-    Returns ({name: (wall, cpu)}, {name: output})."""
-    compiled = {k: (jax.jit(fn).lower(*args).compile(), args, repeat)
-                for k, (fn, args, repeat) in calls.items()}
+    """Per-call wall and CPU seconds of each fn(*args) in `calls` {name: (fn, args,
+    repeat)}: called once (compiling), then each called `repeat` times back to back, in
+    turn, `reps` times (so that a shared machine's load falls on all alike); the
+    fastest rep of each. CPU time (this process) is what other processes' load cannot
+    inflate. fn is called as a user would (generate with concrete prompts, which lets
+    one-block decoding skip the prompt). Returns ({name: (wall, cpu)}, {name: output},
+    {name: XLA's planned bytes of jit(fn)})."""
+    plans = {}
+    for k, (fn, args, _) in calls.items():
+        m = jax.jit(fn).lower(*args).compile().memory_analysis()
+        plans[k] = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                    + m.temp_size_in_bytes)
+        jax.block_until_ready(fn(*args))
     best, outs = {k: (float("inf"), float("inf")) for k in calls}, {}
     for _ in range(reps):
-        for k, (fn, args, repeat) in compiled.items():
+        for k, (fn, args, repeat) in calls.items():
             wall, cpu = time.perf_counter(), time.process_time()
             for _ in range(repeat):
                 outs[k] = jax.block_until_ready(fn(*args))
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             best[k] = (min(best[k][0], wall / repeat), min(best[k][1], cpu / repeat))
-    return best, outs
+    return best, outs, plans
 
 
-def setup(name: str, batch: int, prompt_len: int, workdir: str | None):
+def setup(name: str, batch: int, prompt_len: int, workdir: str | None, dtype: str):
     """(model, params, prompts [B, P], valid [B, P], mask_id) for a preset with random
-    weights and random prompts of prompt_len, or for a trained run with left-padded
-    code prompts."""
+    weights (bidirectional, parameters and compute in `dtype`) and random prompts of
+    prompt_len, or for a trained run with left-padded code prompts."""
     if workdir is None:
-        cfg = model_lib.ModelConfig(**model_lib.PRESETS[name])
+        cfg = model_lib.ModelConfig(**{**model_lib.PRESETS[name], "causal": False,
+                                       "dtype": dtype, "param_dtype": dtype})
         model = model_lib.Transformer(cfg)
         params = jax.jit(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"])(
             jax.random.key(0))
@@ -77,8 +92,9 @@ def setup(name: str, batch: int, prompt_len: int, workdir: str | None):
     return run.model, run.params, jnp.asarray(prompts), jnp.asarray(valid), run.tokenizer.mask_id
 
 
-def modes(n: int, block: int, alg: str) -> dict[str, sampling.SampleConfig]:
-    base = sampling.SampleConfig(max_new_tokens=n, steps=n, alg=alg, schedule="even")
+def modes(n: int, block: int, args) -> dict[str, sampling.SampleConfig]:
+    base = sampling.SampleConfig(max_new_tokens=n, steps=n, alg=args.alg, schedule="even",
+                                 temperature=args.temperature, top_p=args.top_p)
     threshold = dataclasses.replace(base, block_length=block, parallel="threshold",
                                     threshold=0.9)
     return {"one_per_step": base,
@@ -87,22 +103,26 @@ def modes(n: int, block: int, alg: str) -> dict[str, sampling.SampleConfig]:
             "threshold_cache": dataclasses.replace(threshold, cache=True)}
 
 
-def bench(name, args, workdir=None) -> dict:
-    model, params, prompts, valid, mask_id = setup(name, args.batch, args.prompt_len, workdir)
+def bench(name, args, batch: int, workdir=None) -> dict:
+    model, params, prompts, valid, mask_id = setup(name, batch, args.prompt_len, workdir,
+                                                   args.dtype)
     apply_fn = model_lib.model_apply(model)
-    n, b = args.new_tokens, args.batch
+    n, b = args.new_tokens, batch
     canvas = jnp.concatenate([prompts, jnp.full((b, n), mask_id, prompts.dtype)], 1)
     canvas_valid = jnp.concatenate([valid, jnp.ones((b, n), bool)], 1)
-    configs = modes(n, args.block, args.alg)
+    configs = modes(n, args.block, args)
     # n forwards back to back: as long a measurement as a generate of n steps.
-    calls = {"forward": (apply_fn, (params, canvas, canvas_valid), n)}
+    calls = {"forward": (jax.jit(apply_fn), (params, canvas, canvas_valid), n)}
     for mode, cfg in configs.items():
         run = functools.partial(sampling.generate, cfg=cfg, apply_fn=apply_fn, mask_id=mask_id,
                                 valid=valid)
         calls[mode] = (run, (params, prompts, jax.random.key(0)), 1)
-    times, outs = interleaved_times(calls, args.reps)
+    times, outs, plans = interleaved_times(calls, args.reps)
+    stats = jax.devices()[0].memory_stats() or {}
     row = {"model": name, "batch": b, "new_tokens": n, "block_length": args.block,
-           "forward_s": times["forward"][0], "forward_cpu_s": times["forward"][1], "modes": {}}
+           "forward_s": times["forward"][0], "forward_cpu_s": times["forward"][1],
+           "plan_bytes": plans, "device_peak_bytes": stats.get("peak_bytes_in_use"),
+           "modes": {}}
     for mode, cfg in configs.items():
         (t, cpu), out = times[mode], outs[mode]
         steps = float(np.mean(out.steps))
@@ -128,33 +148,45 @@ def bench(name, args, workdir=None) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", default="tiny,100m")
+    accelerator = jax.devices()[0].platform != "cpu"
+    gpu_case = dict(presets="qwen2.5-coder-1.5b", batch="1,8", prompt_len=64, alg="entropy",
+                    temperature=0.2, top_p=0.95, dtype="bfloat16")
+    cpu_case = dict(presets="tiny,100m", batch="4", prompt_len=16, alg="maskgit_plus",
+                    temperature=0.0, top_p=1.0, dtype="float32")
+    default = gpu_case if accelerator else cpu_case
+    parser.add_argument("--presets", default=default["presets"])
     parser.add_argument("--workdir", default=None, help="also benchmark this trained run")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--prompt_len", type=int, default=16)
+    parser.add_argument("--batch", default=default["batch"], help="batch sizes, e.g. 1,8")
+    parser.add_argument("--prompt_len", type=int, default=default["prompt_len"])
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument("--block", type=int, default=32)
-    parser.add_argument("--alg", default="maskgit_plus", choices=sampling.ALGS)
+    parser.add_argument("--alg", default=default["alg"], choices=sampling.ALGS)
+    parser.add_argument("--temperature", type=float, default=default["temperature"])
+    parser.add_argument("--top_p", type=float, default=default["top_p"])
+    parser.add_argument("--dtype", default=default["dtype"], choices=("float32", "bfloat16"))
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args()
 
-    device = cpu_name()
-    print(f"device: {device} ({jax.device_count()} device(s)), alg={args.alg}")
-    rows = [bench(p, args) for p in args.presets.split(",") if p]
+    device = cpu_name() if not accelerator else f"{jax.devices()[0].device_kind}"
+    print(f"device: {device} ({jax.device_count()} device(s)), alg={args.alg}, "
+          f"temperature={args.temperature}, top_p={args.top_p}, {args.dtype}")
+    batches = [int(b) for b in args.batch.split(",")]
+    rows = [bench(p, args, b) for p in args.presets.split(",") if p for b in batches]
     if args.workdir:
-        rows.append(bench(f"run:{args.workdir}", args, args.workdir))
-    print(f"\n{'model':>12} {'fwd ms':>8} {'overhead':>11} {'1/step tok/s':>13} {'block':>8} "
-          f"{'thr 0.9':>8} {'thr+cache':>10} {'speedup':>12} {'agree':>6}   (wall / cpu)")
+        rows += [bench(f"run:{args.workdir}", args, b, args.workdir) for b in batches]
+    print(f"\n{'model':>12} {'B':>3} {'fwd ms':>8} {'overhead':>11} {'1/step tok/s':>13} "
+          f"{'block':>8} {'thr 0.9':>8} {'thr+cache':>10} {'speedup':>12} {'agree':>6} "
+          f"{'plan GB':>8}   (wall / cpu)")
     for r in rows:
         m = r["modes"]
-        print(f"{r['model'][-12:]:>12} {1e3 * r['forward_s']:8.1f} "
+        print(f"{r['model'][-12:]:>12} {r['batch']:>3} {1e3 * r['forward_s']:8.1f} "
               f"{r['overhead_ratio']:5.2f}/{r['overhead_ratio_cpu']:4.2f} "
               + " ".join(f"{m[k]['tokens_per_s']:{w}.1f}" for k, w in
                          (("one_per_step", 13), ("block", 8), ("threshold", 8),
                           ("threshold_cache", 10)))
               + f" {r['speedup_threshold_cache']:5.2f}x/{r['speedup_threshold_cache_cpu']:4.2f}x"
-              + f" {r['cache_agreement']:6.1%}")
+              + f" {r['cache_agreement']:6.1%} {r['plan_bytes']['one_per_step'] / 1e9:8.3f}")
     print("targets: overhead <= 1.15; threshold + cache >= 4x one-per-step")
     if args.json:
         with open(args.json, "w") as f:

@@ -1,103 +1,195 @@
-"""Training-step speed: tokens/s, step time, memory and MFU per model preset.
+"""Training-step speed and memory of dllm beside its PyTorch peer, on whatever
+backend is present.
 
-    python benchmarks/train_step.py [--presets=tiny,100m] [--json OUT]
+    python benchmarks/train_step.py [--presets tiny,100m] [--remat none,dots]
+                                    [--peer mask,nomask] [--steps 5] [--json OUT]
 
-MFU = (training FLOPs per token x tokens/s) / ceiling, where the ceiling is a large
-jitted float32 matmul timed in the same run on the same device (see DESIGN.md). The
-step is the real one: `train.make_train_step` on the pretraining ELBO loss, jitted with
-donated state over a one-device mesh.
+Defaults: on CPU the tiny (32 x 128) and 100m (4 x 512) presets in float32; on a GPU /
+TPU the qwen2.5-coder-1.5b shape made bidirectional at 4 x 2048 in bfloat16 (float32
+parameters and Adam state). The dllm step is the real one (`train.make_train_step`
+on the pretraining ELBO, AdamW, state donated, one-device mesh; attention path
+`model.attention=auto`); the peer is benchmarks/torch_peer.py (transformers Qwen2
+of the same shape, full attention mask or none, same loss, AdamW).
+
+Every call is timed in turn: ceiling, each dllm row's step, each peer's step, then
+again, `steps` times after a warm-up; medians are reported, so load on a shared
+machine falls on all alike. The ceiling is a jitted matmul on random operands in
+the step's dtype (2048^2 on CPU, 8192^2 on an accelerator). MFU = model FLOPs per
+token (`model.flops_per_token`: 3 x forward, full bidirectional attention) x
+tokens/s / ceiling. On CPU the same ratio from process CPU time is given too
+(`mfu_cpu`: what other processes' load cannot inflate). Memory: XLA's plan of the
+compiled step (arguments + outputs - donated + temporaries) and the device's peak
+where the backend reports one (JAX's peak so far in this process; the peer's
+torch.cuda.max_memory_allocated).
 """
 import argparse
+import datetime
 import json
+import os
 import platform
-import resource
 import statistics
 import subprocess
+import sys
 import time
 
-import jax
-import numpy as np
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dllm import config as config_lib, elbo, metrics, model as model_lib, sharding, train
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
-# (preset, global batch, sequence length)
-SHAPES = {"tiny": (32, 128), "100m": (4, 512)}
+from dllm import config as config_lib, elbo, metrics, model as model_lib, sharding, train  # noqa: E402
+
+# (global batch, sequence length) per preset
+SHAPES = {"tiny": (32, 128), "100m": (4, 512), "qwen2.5-coder-1.5b": (4, 2048)}
 
 
 def device_name() -> str:
+    d = jax.devices()[0]
+    if d.platform != "cpu":
+        return f"{d.platform}: {d.device_kind}, {jax.device_count()} device(s)"
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         model = next(l.split(":", 1)[1].strip() for l in out.splitlines()
                      if l.startswith("Model name"))
     except (OSError, StopIteration):
         model = platform.processor() or "unknown CPU"
-    return f"{jax.devices()[0].platform}: {model}, {jax.device_count()} device(s)"
+    return f"cpu: {model}, {os.cpu_count()} cores, {jax.device_count()} device(s)"
 
 
 def time_steps(step, state, data, steps: int):
-    """(median seconds per step over `steps` steps after a warm-up, final state)."""
-    state, m = step(state, data)          # warm-up (and first-call overheads)
+    """(median seconds per step over `steps` steps after a warm-up, final state): the
+    step timed alone (benchmarks/scaling.py)."""
+    state, m = step(state, data)
     jax.block_until_ready(m)
     times = []
     for _ in range(steps):
-        t0 = time.perf_counter()
-        state, m = step(state, data)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
+        (wall, _), (state, m) = time_call(lambda: step(state, data))
+        times.append(wall)
     return statistics.median(times), state
 
 
-def bench_preset(name: str, steps: int, ceiling: float) -> dict:
-    batch, seq = SHAPES[name]
-    config = config_lib.base_config(name)
-    model_cfg = model_lib.config_from_dict(config.model)
-    model = model_lib.Transformer(model_cfg)
-    tx, _ = train.make_optimizer(config.train)
-    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-    state, shardings = train.init_state(model, tx, 0, mesh, sharding.DEFAULT_RULES)
-    mask_id = model_cfg.vocab_size - 1
-    loss_fn = elbo.stage_loss(config.loss, model_lib.model_apply(model), mask_id)
-    with sharding.activate(mesh, sharding.DEFAULT_RULES):
-        step = train.jit_train_step(train.make_train_step(loss_fn, tx), shardings, mesh)
-        rng = np.random.default_rng(0)
-        tokens = rng.integers(0, mask_id, (batch, seq), dtype=np.int32)
-        data = sharding.global_batch({"tokens": tokens}, mesh)
-        compiled = step.lower(state, data).compile()
-        mem = compiled.memory_analysis()
-        step_s, state = time_steps(step, state, data, steps)
-    tokens_per_s = batch * seq / step_s
-    flops = model_lib.flops_per_token(model_cfg, seq) * tokens_per_s
-    return {
-        "preset": name, "params": model_lib.param_count(model_cfg), "batch": batch,
-        "seq_len": seq, "step_s": step_s, "tokens_per_s": tokens_per_s,
-        "achieved_flops": flops, "ceiling_flops": ceiling, "mfu": flops / ceiling,
-        "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
-        "argument_bytes": getattr(mem, "argument_size_in_bytes", None),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    }
+def time_call(fn):
+    """((wall s, CPU s), output) of fn() with its output ready."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = jax.block_until_ready(fn())
+    return (time.perf_counter() - wall, time.process_time() - cpu), out
+
+
+class DllmStep:
+    """The jitted train step of a preset (bidirectional, `dtype`, `remat`) with its
+    state and a random batch; `timed()` runs one step."""
+
+    def __init__(self, preset: str, batch: int, seq: int, dtype: str, remat: str):
+        config = config_lib.base_config(preset)
+        config.model.update(causal=False, dtype=dtype, remat=remat)
+        self.cfg = model_lib.config_from_dict(config.model)
+        model = model_lib.Transformer(self.cfg)
+        tx, _ = train.make_optimizer(config.train)
+        mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+        self.state, shardings = train.init_state(model, tx, 0, mesh, sharding.DEFAULT_RULES)
+        loss_fn = elbo.stage_loss(config.loss, model_lib.model_apply(model),
+                                  self.cfg.vocab_size - 1)
+        tokens = np.random.default_rng(0).integers(0, self.cfg.vocab_size - 1, (batch, seq),
+                                                   dtype=np.int32)
+        with sharding.activate(mesh, sharding.DEFAULT_RULES):
+            step = train.jit_train_step(train.make_train_step(loss_fn, tx), shardings, mesh)
+            self.data = sharding.global_batch({"tokens": tokens}, mesh)
+            self.step = step.lower(self.state, self.data).compile()
+        mem = self.step.memory_analysis()
+        self.memory = {k: getattr(mem, f"{k}_size_in_bytes", None)
+                       for k in ("argument", "output", "alias", "temp")}
+        self.memory["plan"] = (self.memory["argument"] + self.memory["output"]
+                               - self.memory["alias"] + self.memory["temp"])
+        self.timed()  # warm-up
+
+    def timed(self) -> tuple[float, float]:
+        (times, (self.state, _)) = time_call(lambda: self.step(self.state, self.data))
+        return times
+
+
+def device_peak_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def bench_preset(preset: str, args, accelerator: bool) -> list[dict]:
+    batch, seq = args.batch or SHAPES[preset][0], args.seq or SHAPES[preset][1]
+    dtype = "bfloat16" if accelerator else "float32"
+    ceiling = metrics.MatmulTimer(dtype, 8192 if accelerator else 2048)
+    runs = {f"dllm remat={r}": DllmStep(preset, batch, seq, dtype, r) for r in args.remat}
+    cfg = next(iter(runs.values())).cfg
+    peak = device_peak_bytes()
+    peers = {}
+    if args.peer:
+        from benchmarks.torch_peer import Peer
+        peers = {f"torch {a}": Peer(cfg, batch, seq, a) for a in args.peer}
+        for p in peers.values():
+            p.step()  # warm-up
+    calls = {"ceiling": ceiling, **{k: r.timed for k, r in runs.items()},
+             **{k: p.timed_step for k, p in peers.items()}}
+    times = {k: [] for k in calls}
+    for _ in range(args.steps):
+        for k, fn in calls.items():
+            for _ in range(5 if k == "ceiling" else 1):  # short: more samples of the load
+                times[k].append(fn())
+    med = {k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v))
+           for k, v in times.items()}
+    flops = model_lib.flops_per_token(cfg, seq) * batch * seq
+    rows = []
+    for name in list(runs) + list(peers):
+        wall, cpu = med[name]
+        row = {"preset": preset, "run": name, "params": model_lib.param_count(cfg), "batch": batch,
+               "seq_len": seq, "dtype": dtype, "step_s": wall, "tokens_per_s": batch * seq / wall,
+               "mfu": flops / wall / (ceiling.flops / med["ceiling"][0]),
+               "ceiling_flops": ceiling.flops / med["ceiling"][0]}
+        if not accelerator:
+            row.update(step_cpu_s=cpu, mfu_cpu=flops / cpu / (ceiling.flops / med["ceiling"][1]))
+        if name in runs:
+            row.update(memory=runs[name].memory, device_peak_bytes=peak)
+        else:
+            row.update(memory=None, device_peak_bytes=peers[name].peak_bytes())
+        rows.append(row)
+    return rows
+
+
+def print_table(rows, accelerator: bool):
+    gb = lambda b: f"{b / 1e9:7.2f}" if b else "      -"
+    print(f"{'preset':>18} {'run':>24} {'B x S':>10} {'step s':>8} {'tok/s':>9} {'MFU':>6}"
+          + ("" if accelerator else f" {'cpu s':>7} {'MFU cpu':>7}")
+          + f" {'plan GB':>7} {'peak GB':>7}")
+    for r in rows:
+        plan = (r["memory"] or {}).get("plan")
+        print(f"{r['preset']:>18} {r['run']:>24} {r['batch']:>4}x{r['seq_len']:<5} "
+              f"{r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {r['mfu']:6.1%}"
+              + ("" if accelerator else f" {r['step_cpu_s']:7.2f} {r['mfu_cpu']:7.1%}")
+              + f" {gb(plan)} {gb(r['device_peak_bytes'])}")
 
 
 def main():
+    accelerator = jax.devices()[0].platform != "cpu"
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--presets", default="tiny,100m")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--presets", default="qwen2.5-coder-1.5b" if accelerator else "tiny,100m")
+    parser.add_argument("--batch", type=int, default=0, help="override the preset's batch")
+    parser.add_argument("--seq", type=int, default=0, help="override the preset's length")
+    parser.add_argument("--remat", default="none", help="dllm rows: remat policies")
+    parser.add_argument("--peer", default="mask", help="torch peer rows: mask,nomask or ''")
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
+    args.remat = args.remat.split(",")
+    args.peer = [p for p in args.peer.split(",") if p]
 
-    ceiling = metrics.matmul_ceiling("float32", n=2048, reps=10)
-    rows = [bench_preset(p, args.steps, ceiling) for p in args.presets.split(",")]
+    rows = [r for p in args.presets.split(",") for r in bench_preset(p, args, accelerator)]
     device = device_name()
-    print(f"device: {device}\nceiling: float32 2048^3 matmul = {ceiling / 1e9:.1f} GFLOP/s")
-    print(f"{'preset':>6} {'params':>8} {'B x S':>9} {'step s':>8} {'tok/s':>9} "
-          f"{'GFLOP/s':>8} {'MFU':>6} {'temp MB':>8} {'peak RSS MB':>11}")
-    for r in rows:
-        print(f"{r['preset']:>6} {r['params'] / 1e6:7.1f}M {r['batch']:>4}x{r['seq_len']:<4} "
-              f"{r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {r['achieved_flops'] / 1e9:8.1f} "
-              f"{r['mfu']:6.1%} {(r['temp_bytes'] or 0) / 2**20:8.1f} "
-              f"{r['peak_rss_bytes'] / 2**20:11.0f}")
+    print(f"device: {device}; {datetime.date.today()}; ceiling: "
+          + ", ".join(sorted({f"{r['dtype']} {r['ceiling_flops'] / 1e9:.0f} GFLOP/s"
+                              for r in rows})))
+    print_table(rows, accelerator)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device, "ceiling_flops": ceiling, "presets": rows}, f, indent=2)
+            json.dump({"device": device, "date": datetime.date.today().isoformat(),
+                       "args": vars(args), "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -426,8 +426,9 @@ def _run_config(fields: dict, hf_dir: str, hf_config: dict) -> ml_collections.Co
     it declares, runs.max_len), and the default decoding settings (no stage's data or
     training keys: a run that trains from it brings its own experiment file,
     --config.init.checkpoint=THIS_DIR)."""
-    def shape(d):  # the fields a preset fixes (dtype and remat are per run)
-        return {k: v for k, v in d.items() if k not in ("dtype", "param_dtype", "remat")}
+    def shape(d):  # the fields a preset fixes (dtypes, remat and kernels are per run)
+        return {k: v for k, v in d.items()
+                if k not in ("dtype", "param_dtype", "remat", "attention", "xent_chunk")}
     matches = [n for n in model_lib.PRESETS if shape(model_lib.preset(n)) == shape(fields)]
     c = ml_collections.ConfigDict()
     c.model = {**fields, "preset": matches[0] if matches else ""}

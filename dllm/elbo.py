@@ -17,7 +17,10 @@ Dream logits shift its prediction is that position's output, so column 0 (and th
 first real token of a left-padded row) is never noised (DiffuLLaMA drops it from
 the loss; DiffuCoder's BOS is always clean).
 
-`apply_fn(params, tokens, valid, lookahead) -> logits [B, S, V]` is the model.
+`apply_fn(params, tokens, valid, lookahead, targets=targets) -> (nll [B, S] float32,
+argmax [B, S] int)` is the model scoring the clean tokens (`model.model_apply`: the
+output head's chunked cross-entropy, no [B, S, V] logits); `from_logits` adapts a
+function that returns logits [B, S, V].
 """
 from __future__ import annotations
 
@@ -81,6 +84,15 @@ def token_nll(logits: Array, targets: Array) -> Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
+def from_logits(logits_fn):
+    """apply_fn in the scoring form above from logits_fn(params, tokens, valid,
+    lookahead) -> logits [B, S, V] (the plain path: the logits exist whole)."""
+    def apply_fn(params, tokens, valid, lookahead, targets):
+        logits = logits_fn(params, tokens, valid, lookahead)
+        return token_nll(logits, targets), jnp.argmax(logits, -1)
+    return apply_fn
+
+
 def _stage1_masks(rng: Array, shape, cfg: ElboConfig):
     """Per-batch Stage-1 augmentations as masks over [B, S]:
     valid (False past a random truncation length) and clean (True on a random
@@ -138,8 +150,8 @@ def elbo_loss(params, batch, rng: Array, *, apply_fn, cfg: ElboConfig, mask_id: 
     valid, noisable = loss_masks(batch, r_aug, cfg)
     t = schedules.sample_times(r_t, tokens.shape[0], cfg.time_eps, cfg.antithetic)
     noisy, masked = corrupt(r_mask, tokens, t, noisable, schedule.alpha, mask_id)
-    logits = apply_fn(params, noisy, valid, lookahead_at(r_attn, step, tokens.shape[1], cfg))
-    nll = token_nll(logits, tokens)
+    nll, predicted = apply_fn(params, noisy, valid,
+                              lookahead_at(r_attn, step, tokens.shape[1], cfg), targets=tokens)
 
     n_masked = jnp.maximum(masked.sum(), 1)
     weighted = jnp.where(masked, nll * schedule.weight(t)[:, None], 0.0)
@@ -147,7 +159,7 @@ def elbo_loss(params, batch, rng: Array, *, apply_fn, cfg: ElboConfig, mask_id: 
         loss = jnp.mean(weighted.sum(-1) / jnp.maximum(noisable.sum(-1), 1))
     else:
         loss = weighted.sum() / jnp.maximum(noisable.sum(), 1)
-    correct = (jnp.argmax(logits, -1) == tokens) & masked
+    correct = (predicted == tokens) & masked
     metrics = {
         "loss": loss,
         "accuracy": correct.sum() / n_masked,           # masked-token accuracy
@@ -176,7 +188,7 @@ def nelbo(params, batch, rng: Array, *, apply_fn, cfg: ElboConfig, mask_id: int,
         t = cfg.time_eps + (1.0 - cfg.time_eps) * jnp.mod(u + k / num_samples, 1.0)
         noisy, masked = corrupt(jax.random.fold_in(r_masks, k), tokens, t, noisable,
                                 schedule.alpha, mask_id)
-        nll = token_nll(apply_fn(params, noisy, valid, "default"), tokens)
+        nll, _ = apply_fn(params, noisy, valid, "default", targets=tokens)
         per_seq = jnp.where(masked, nll, 0.0).sum(-1) * schedule.weight(t)
         return total + per_seq, None
 

@@ -81,18 +81,29 @@ def drop_rows_after(workdir: str, step: int) -> None:
         fs.write_text(path, "".join(keep))
 
 
+class MatmulTimer:
+    """A jitted n x n x n matmul on random operands in `dtype` on the default device:
+    the ceiling MFU is quoted against. Each call times one product."""
+
+    def __init__(self, dtype="float32", n: int = 2048):
+        k1, k2 = jax.random.split(jax.random.key(0))
+        self.operands = (jax.random.normal(k1, (n, n), dtype), jax.random.normal(k2, (n, n), dtype))
+        self.matmul = jax.jit(jnp.matmul).lower(*self.operands).compile()
+        self.flops = 2 * n ** 3
+        jax.block_until_ready(self.matmul(*self.operands))
+
+    def __call__(self) -> tuple[float, float]:
+        """(wall s, process CPU s) of one product."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        jax.block_until_ready(self.matmul(*self.operands))
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def matmul_ceiling(dtype="float32", n: int = 2048, reps: int = 5) -> float:
-    """Measured FLOP/s of a large jitted square matmul on the default device, in
-    `dtype` (the best of `reps` runs): the ceiling MFU is quoted against."""
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    """Measured FLOP/s of MatmulTimer(dtype, n): the median of `reps` calls (calls
+    vary by tens of percent on a GPU)."""
+    timer = MatmulTimer(dtype, n)
+    return timer.flops / float(np.median([timer()[0] for _ in range(reps)]))
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -13,6 +13,12 @@ onto a device mesh.
     model = Transformer(ModelConfig(**PRESETS["tiny"]))
     params = model.init(rng, tokens)["params"]
     logits = model.apply({"params": params}, tokens)        # [B, S, V] float32
+    nll, predicted = model.apply({"params": params}, tokens, targets=targets)  # [B, S] each
+
+With `targets`, the output head scores them in chunks of the sequence
+(`kernels.cross_entropy`: the [B, S, V] logits never exist whole). Attention runs on
+the path `model.attention` names (`kernels.attention`: XLA, cuDNN flash, Pallas
+splash); `model.remat` picks what the backward pass recomputes.
 
 Decoding with a KV cache (Fast-dLLM's approximation, used by `dllm.sampling`): a
 full call with `return_kv=True` also returns every layer's keys and values; a later
@@ -28,6 +34,10 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from dllm import kernels
 
 Array = jax.Array
 
@@ -68,6 +78,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+_save = jax.checkpoint_policies.save_only_these_names
+REMAT_POLICIES = {  # name -> what a layer keeps for the backward pass (see ModelConfig.remat)
+    "none": None,
+    "dots_attention": _save("proj", "attention"),
+    "dots": _save("proj"),
+    "attention": _save("attention"),
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -87,7 +107,18 @@ class ModelConfig:
     causal: bool = False
     dtype: str = "float32"        # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"  # storage dtype of parameters: float32 | bfloat16
-    remat: str = "none"           # none | full | dots (save matmul outputs)
+    # What the backward pass recomputes, least memory last: none (keeps everything) |
+    # dots_attention (keeps projection and attention outputs; recomputes elementwise ops) |
+    # dots (keeps projection outputs; recomputes attention too) | attention (keeps
+    # attention outputs; recomputes the projections and MLP) | full (keeps each layer's
+    # input only; recomputes the layer).
+    remat: str = "none"
+    # Attention path: auto (cudnn on an NVIDIA GPU in bfloat16, pallas on a TPU, else xla)
+    # | xla | cudnn | pallas. See dllm/kernels.py.
+    attention: str = "auto"
+    # Training loss: sequence positions per chunk of the output head's cross-entropy
+    # (float32 logits exist for [B, chunk, V] at a time); 0 = the whole sequence at once.
+    xent_chunk: int = 256
 
     def __post_init__(self):
         if self.heads % self.kv_heads:
@@ -97,7 +128,8 @@ class ModelConfig:
             raise ValueError(f"model.head_dim={self.head_dim} must be even (RoPE)")
         for key, allowed in (("dtype", ("float32", "bfloat16")),
                              ("param_dtype", ("float32", "bfloat16")),
-                             ("remat", ("none", "full", "dots"))):
+                             ("remat", tuple(REMAT_POLICIES)),
+                             ("attention", kernels.ATTENTION)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"model.{key}={getattr(self, key)!r}; allowed: {allowed}")
 
@@ -145,9 +177,10 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
 
 def model_apply(model: nn.Module):
     """apply_fn(params, tokens, valid=None, lookahead="default", **kw) -> logits [B, S, V];
-    kw are Transformer's cache keywords (cache, window_start, return_kv), used by cached
-    decoding. Make it once per model and reuse it: jitted callers take it as a static
-    argument, so a new one recompiles."""
+    kw are Transformer's keywords: cache, window_start, return_kv (cached decoding) and
+    targets (-> (nll, argmax) [B, S] instead of logits: the ELBO losses). Make it once
+    per model and reuse it: jitted callers take it as a static argument, so a new one
+    recompiles."""
     def apply_fn(params, tokens, valid=None, lookahead="default", **kw):
         return model.apply({"params": params}, tokens, valid, lookahead=lookahead, **kw)
     return apply_fn
@@ -183,26 +216,28 @@ class KVCache(NamedTuple):
 
 class Projection(nn.Module):
     """y = x . W (+ b): contracts the last len(in_shape) axes of x with W of shape
-    in_shape + out_shape, created at that shape so its logical `axes` apply as is."""
+    in_shape + out_shape, created at that shape so its logical `axes` apply as is.
+    The output is named "proj" for the remat policies."""
     in_shape: tuple
     out_shape: tuple
     axes: tuple
     cfg: ModelConfig
     use_bias: bool = False
 
-    @nn.compact
-    def __call__(self, x):
-        pd, n_in = jnp.dtype(self.cfg.param_dtype), len(self.in_shape)
-        kernel = self.param("kernel", nn.with_logical_partitioning(
+    def setup(self):
+        pd = jnp.dtype(self.cfg.param_dtype)
+        self.kernel = self.param("kernel", nn.with_logical_partitioning(
             nn.initializers.normal(0.02), self.axes), self.in_shape + self.out_shape, pd)
-        dtype = jnp.dtype(self.cfg.dtype)
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))
         if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(
-                nn.initializers.zeros, self.axes[n_in:]), self.out_shape, pd)
-            y = y + bias.astype(dtype)
-        return y
+            self.bias = self.param("bias", nn.with_logical_partitioning(
+                nn.initializers.zeros, self.axes[len(self.in_shape):]), self.out_shape, pd)
+
+    def __call__(self, x):
+        dtype = jnp.dtype(self.cfg.dtype)
+        y = kernels.dense(x.astype(dtype), self.kernel.astype(dtype), len(self.in_shape))
+        if self.use_bias:
+            y = y + self.bias.astype(dtype)
+        return checkpoint_name(y, "proj")
 
 
 class RMSNorm(nn.Module):
@@ -252,14 +287,28 @@ def attention_mask(valid: Array, lookahead, key_valid: Array | None = None) -> A
     return mask & jnp.expand_dims(allowed, -3)
 
 
+def attention_masks(cfg: ModelConfig, valid: Array, lookahead, key_valid: Array | None = None
+                    ) -> kernels.Mask:
+    """The mask of one call in the forms `cfg.attention`'s path takes (see
+    attention_mask; key_valid: the canvas's in a window call)."""
+    full = attention_mask(valid, lookahead, key_valid)
+    key_valid = valid if key_valid is None else key_valid
+    if lookahead is None:
+        return kernels.Mask(full, valid, key_valid)
+    if isinstance(lookahead, (int, np.integer)):  # static: a block-sparse mask for pallas
+        return kernels.Mask(full, valid, key_valid, lookahead=int(lookahead))
+    return kernels.Mask(full, valid, key_valid, static_band=False)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, cached=None):
+    def __call__(self, x, positions, mask: kernels.Mask, cached=None):
         """x: [B, W, E]. cached: None, or (k, v, start) for a window call: this
         layer's canvas K/V [B, S, kv_heads, D] and the window's first canvas index
-        [B]. Returns (output [B, W, E], this call's (k, v))."""
+        [B]. Returns (output [B, W, E], this call's (k, v)). The attention output
+        is named "attention" for the remat policies."""
         cfg = self.cfg
         e = (cfg.hidden,)
         q = Projection(e, (cfg.heads, cfg.head_dim), ("embed", "heads", "head_dim"), cfg,
@@ -275,9 +324,10 @@ class Attention(nn.Module):
         if cached is not None:  # the window's fresh K/V replace the cached ones there
             cache_k, cache_v, start = cached
             k, v = update_rows(cache_k, start, k), update_rows(cache_v, start, v)
-        # GQA: jax.nn.dot_product_attention repeats the K/V heads itself.
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)           # [B, W, H, D]
-        out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", "head_dim"))
+        # GQA: every path repeats the K/V heads itself.
+        out = kernels.attention(q, k, v, mask, kernels.resolve(cfg.attention, cfg.dtype))
+        out = nn.with_logical_constraint(checkpoint_name(out, "attention"),
+                                         ("batch", "length", "act_heads", "head_dim"))
         out = Projection((cfg.heads, cfg.head_dim), (cfg.hidden,),
                          ("heads", "head_dim", "embed"), cfg, name="o")(out)
         return out, fresh
@@ -315,11 +365,6 @@ class Block(nn.Module):
         return x, (kv if self.return_kv else None)
 
 
-_REMAT_POLICIES = {
-    "full": None,  # save nothing, recompute the block in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-
 
 class Transformer(nn.Module):
     cfg: ModelConfig
@@ -328,7 +373,7 @@ class Transformer(nn.Module):
     def __call__(self, tokens: Array, valid: Array | None = None,
                  positions: Array | None = None, lookahead="default",
                  cache: KVCache | None = None, window_start: Array | None = None,
-                 return_kv: bool = False):
+                 return_kv: bool = False, targets: Array | None = None):
         """tokens: [B, S] int; valid: [B, S] bool (False = padding, excluded from
         attention; default all True); positions: [B, S] int (default cumsum(valid)-1,
         so the first real token of a left-padded row has position 0); lookahead:
@@ -342,7 +387,11 @@ class Transformer(nn.Module):
         are its positions window_start[b] ... window_start[b] + S - 1 ([B] int; the
         logits shift stays within the window); `valid` and `positions` default to
         the canvas's there; attention is bidirectional. With `return_kv`, returns
-        (logits, KVCache of this call's tokens)."""
+        (logits, KVCache of this call's tokens).
+
+        targets: [B, S] int: returns (nll [B, S] float32, argmax [B, S] int32) of the
+        targets under the (shifted) logits instead of the logits, computed in chunks
+        of `cfg.xent_chunk` positions (see kernels.cross_entropy)."""
         cfg = self.cfg
         if isinstance(lookahead, str):
             lookahead = 0 if cfg.causal else None
@@ -351,7 +400,7 @@ class Transformer(nn.Module):
                 valid = jnp.ones(tokens.shape, bool)
             if positions is None:
                 positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-            mask = attention_mask(valid, lookahead)
+            mask = attention_masks(cfg, valid, lookahead)
         else:
             if lookahead is not None:
                 raise ValueError("a window call with a KV cache is bidirectional only")
@@ -360,7 +409,7 @@ class Transformer(nn.Module):
             if positions is None:
                 canvas_positions = jnp.maximum(jnp.cumsum(cache.valid, axis=1) - 1, 0)
                 positions = slice_rows(canvas_positions, window_start, tokens.shape[1])
-            mask = attention_mask(valid, None, key_valid=cache.valid)
+            mask = attention_masks(cfg, valid, None, key_valid=cache.valid)
 
         embed = nn.Embed(cfg.vocab_size, cfg.hidden, name="embed",
                          dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
@@ -371,7 +420,7 @@ class Transformer(nn.Module):
 
         block = Block
         if cfg.remat != "none":
-            block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
+            block = nn.remat(Block, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat])
         cached_kv = None if cache is None else (cache.k, cache.v)
         layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
@@ -380,11 +429,11 @@ class Transformer(nn.Module):
         x, kv = layers(x, positions, mask, cached_kv, window_start)
         x = RMSNorm(cfg.rms_eps, jnp.dtype(cfg.param_dtype), name="final_norm")(x)
 
-        if cfg.tie_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = Projection((cfg.hidden,), (cfg.vocab_size,), ("embed", "vocab"), cfg,
-                                name="lm_head")(x)
+        head = None if cfg.tie_embeddings else Projection(
+            (cfg.hidden,), (cfg.vocab_size,), ("embed", "vocab"), cfg, name="lm_head")
+        if targets is not None:
+            return _scores(cfg, x, embed.embedding if head is None else head.kernel, targets)
+        logits = embed.attend(x) if head is None else head(x)
         logits = nn.with_logical_constraint(logits.astype(jnp.float32),
                                             ("batch", "length", "act_vocab"))
         if cfg.shift_logits:
@@ -392,3 +441,14 @@ class Transformer(nn.Module):
         if return_kv:
             return logits, KVCache(*kv, valid)
         return logits
+
+
+def _scores(cfg: ModelConfig, x: Array, kernel: Array, targets: Array):
+    """(nll, argmax) [B, S] of `targets` under the output head `kernel` ([E, V], or the
+    tied embedding [V, E]) applied to the final hidden states x [B, S, E], shifted
+    as the logits are."""
+    if cfg.shift_logits:
+        x = jnp.concatenate([x[:, :1], x[:, :-1]], axis=1)
+    dtype = jnp.dtype(cfg.dtype)
+    return kernels.cross_entropy(x.astype(dtype), kernel.astype(dtype), targets, cfg.xent_chunk,
+                                 vocab_axis=0 if cfg.tie_embeddings else 1)

@@ -2,6 +2,7 @@
 
     python -m dllm.plan --config=experiments/pretrain.py:7b --mesh=fsdp:32 --hbm_gb=95
     python -m dllm.plan --config=experiments/sft.py:7b --mesh=fsdp:8,tensor:2 --remat=none,full,dots
+    python -m dllm.plan --config=experiments/midtrain.py:7b --mesh=fsdp:32 --attention=pallas
 
 Lowers and compiles the real train step (the config's model, optimizer, loss, batch
 and sharding rules, state donated) for a mesh of fake CPU devices against abstract
@@ -10,7 +11,12 @@ as MaxText's ahead-of-time check does, and prints per-device bytes: parameters,
 optimizer state and batch (from their shardings), XLA's temporaries (activations
 kept for the backward pass, gradients, collectives' buffers) and the total
 (arguments + outputs - donated + temporaries), in GB (10^9 bytes, the unit chip specs
-quote HBM in). One row per remat policy asked for.
+quote HBM in). One row per remat policy asked for. The step is the one the config
+runs: the output head's chunked cross-entropy (`model.xent_chunk`) and the attention
+path `--attention` names (default the config's `model.attention`, which resolves to
+the XLA path on these CPU devices; `pallas` plans the TPU's splash-attention kernel,
+compiled here in interpret mode; a step with attention annealing, `loss.anneal_steps`
+> 0, takes the XLA path under `pallas` too).
 
 The CPU compiler's temporaries are an estimate for a TPU: the TPU compiler fuses and
 lays out differently (usually tighter), so leave a margin.
@@ -24,14 +30,16 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dllm import cli, data, elbo, model as model_lib, sharding, train
+from dllm import cli, data, elbo, kernels, model as model_lib, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file and variant.",
                                           lock_config=True)
 _MESH = flags.DEFINE_string("mesh", "", "Mesh sizes, e.g. 'fsdp:32' or 'data:2,fsdp:8,tensor:2' "
                             "(axes not named are 1); default: the config's mesh.")
-_REMAT = flags.DEFINE_list("remat", [], "Remat policies to compare (none, full, dots); "
-                           "default: the config's model.remat.")
+_REMAT = flags.DEFINE_list("remat", [], "Remat policies to compare (model.remat: none, "
+                           "dots_attention, dots, attention, full); default: the config's.")
+_ATTENTION = flags.DEFINE_string("attention", "", "Attention path to plan (model.attention: "
+                                 "xla, pallas, ...); default: the config's.")
 _HBM = flags.DEFINE_float("hbm_gb", 0.0, "Memory per device (GB = 1e9 bytes, as in chip specs) "
                           "to check the total against.")
 _JSON = flags.DEFINE_string("json", None, "Write the rows here as JSON.")
@@ -90,6 +98,7 @@ def plan(config, devices) -> dict:
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
              + mem.temp_size_in_bytes)
     return {"mesh": dict(mesh.shape), "remat": model_cfg.remat,
+            "attention": kernels.resolve(model_cfg.attention, model_cfg.dtype),
             "params_count": model_lib.param_count(model_cfg), "seq_len": config.data.seq_len,
             "batch_per_device": config.train.batch_size // replicas,
             "params": per_device_bytes(state.params),
@@ -103,12 +112,12 @@ def format_rows(rows: list[dict], hbm_gb: float = 0.0) -> str:
     """The plan as a table, per device, in GB (MB when every total is under 1 GB)."""
     unit, scale = ("GB", GB) if max(r["total"] for r in rows) >= GB else ("MB", 10 ** 6)
     keys = ("params", "opt_state", "batch", "temp", "total")
-    lines = [f"{'mesh':>24} {'remat':>5} {'B/dev':>5} "
+    lines = [f"{'mesh':>24} {'remat':>14} {'attention':>9} {'B/dev':>5} "
              + " ".join(f"{k.split('_')[0]:>9}" for k in keys)
              + ("  fits" if hbm_gb else "") + f"    ({unit} per device)"]
     for r in rows:
         mesh = ",".join(f"{a}:{n}" for a, n in r["mesh"].items())
-        line = (f"{mesh:>24} {r['remat']:>5} {r['batch_per_device']:>5} "
+        line = (f"{mesh:>24} {r['remat']:>14} {r['attention']:>9} {r['batch_per_device']:>5} "
                 + " ".join(f"{r[k] / scale:9.2f}" for k in keys))
         if hbm_gb:
             line += f"  {'yes' if r['total'] <= hbm_gb * GB else 'NO'}"
@@ -129,6 +138,8 @@ def main(argv):
                              "e.g. --mesh=fsdp:32")
     with config.unlocked():  # one flat mesh of fake devices: memory does not depend on slices
         config.mesh.update(sizes, dcn=dict.fromkeys(sharding.MESH_AXES, 1))
+        if _ATTENTION.value:
+            config.model.attention = _ATTENTION.value
     # Before anything touches a device: that many fake CPU devices.
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", int(np.prod(list(sizes.values()))))

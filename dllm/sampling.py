@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dllm.kernels import argmax
 from dllm.model import KVCache, slice_rows, update_rows
 
 Array = jax.Array
@@ -136,15 +137,30 @@ def history(out: Decoded, mask_id: int) -> Array:
 
 # ----------------------------------------------------------------------------- proposals
 
-def _top_p(z: Array, top_p: float) -> Array:
+NUCLEUS_CANDIDATES = 256  # top-p looks for the nucleus among this many tokens first
+
+
+def _nucleus_cutoff(desc: Array, top_p: float) -> Array:
+    """[..., 1] smallest kept probability, from probabilities sorted descending (a
+    prefix of them suffices when it holds the nucleus): a token stays if the mass
+    before it is <= top_p."""
+    kept = jnp.cumsum(desc, axis=-1) - desc <= top_p
+    return jnp.min(jnp.where(kept, desc, jnp.inf), axis=-1, keepdims=True)
+
+
+def _top_p(z: Array, top_p: float, candidates: int = NUCLEUS_CANDIDATES) -> Array:
     """Keep the smallest set of tokens whose probability mass reaches top_p (Dream's
-    rule: a token stays if the mass before it is <= top_p); ties at the cut stay."""
+    rule: a token stays if the mass before it is <= top_p); ties at the cut stay.
+    The nucleus is found among the top `candidates` tokens (top_k, no sort of the
+    vocabulary) when their mass exceeds top_p in every row, as the token after them
+    then starts past top_p; otherwise the whole vocabulary is sorted. Same output."""
     if top_p >= 1.0:
         return z
     probs = jax.nn.softmax(z, axis=-1)
-    desc = jnp.sort(probs, axis=-1)[..., ::-1]
-    kept = jnp.cumsum(desc, axis=-1) - desc <= top_p
-    cutoff = jnp.min(jnp.where(kept, desc, jnp.inf), axis=-1, keepdims=True)
+    top = jax.lax.top_k(probs, min(candidates, probs.shape[-1]))[0]
+    fits = jnp.all(jnp.sum(top, -1) > top_p)
+    cutoff = jax.lax.cond(fits, lambda: _nucleus_cutoff(top, top_p),
+                          lambda: _nucleus_cutoff(jnp.sort(probs, axis=-1)[..., ::-1], top_p))
     return jnp.where(probs >= cutoff, z, -jnp.inf)
 
 
@@ -164,7 +180,7 @@ def _confidence(alg: str, logits: Array, z: Array, lse: Array, prob: Array, x0: 
         return prob
     if alg == "topk_margin":
         top1 = jnp.max(z, -1)
-        is_top1 = jnp.arange(z.shape[-1]) == _argmax(z, top1)[..., None]
+        is_top1 = jnp.arange(z.shape[-1]) == argmax(z, top1)[..., None]
         top2 = jnp.max(jnp.where(is_top1, -jnp.inf, z), -1)
         return jnp.exp(top1 - lse) - jnp.exp(top2 - lse)
     if alg == "entropy":
@@ -173,18 +189,26 @@ def _confidence(alg: str, logits: Array, z: Array, lse: Array, prob: Array, x0: 
     if alg == "low_confidence":  # LLaDA: probability under the untempered logits
         return jnp.exp(_take(logits, x0) - jax.nn.logsumexp(logits, -1))
     if alg == "random":
-        return jax.random.uniform(key, x0.shape)
+        return _draw(key, jax.random.uniform)
     return jnp.zeros(x0.shape)  # origin reveals at random; no ranking
 
 
-def _argmax(z: Array, z_max: Array | None = None) -> Array:
-    """argmax over the last axis (first of ties) as a max and a min of float indices
-    (exact below 2^24), reductions XLA:CPU vectorises: 4x faster than its argmax
-    over [4, 272, 2048]. z_max: max(z, -1) if already at hand."""
-    if z_max is None:
-        z_max = jnp.max(z, -1)
-    index = jnp.arange(z.shape[-1], dtype=jnp.float32)
-    return jnp.min(jnp.where(z == z_max[..., None], index, jnp.inf), -1).astype(jnp.int32)
+def position_keys(key, shape) -> Array:
+    """[B, W] PRNG keys, one per row and position: `key` itself when it already is
+    one per position (the sampler passes keys of canvas positions, so a position's
+    draws are the same whichever window it is proposed in), else derived from it."""
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):  # a raw uint32 key (PRNGKey)
+        key = jax.random.wrap_key_data(key)
+    if key.shape == tuple(shape):
+        return key
+    rows, cols = jnp.indices(shape)
+    return jax.vmap(jax.vmap(lambda r, c: jax.random.fold_in(jax.random.fold_in(key, r), c)))(
+        rows, cols)
+
+
+def _draw(keys: Array, fn) -> Array:
+    """fn(key) at every position of a [B, W] array of keys."""
+    return jax.vmap(jax.vmap(fn))(keys)
 
 
 def _take(x: Array, idx: Array) -> Array:
@@ -195,18 +219,21 @@ def _take(x: Array, idx: Array) -> Array:
 def propose(logits: Array, key, cfg: SampleConfig, mask_id: int, eos_id: int | None):
     """logits [B, W, V] -> (x0 [B, W] proposed tokens, prob [B, W] their probability
     under the sampling distribution (temperature, then top-p, then top-k), confidence
-    [B, W] the rule's score). The mask token is never proposed."""
-    k_sample, k_rule = jax.random.split(key)
-    logits = jnp.where(jnp.arange(logits.shape[-1]) == mask_id, -jnp.inf, logits)
+    [B, W] the rule's score). The mask token is never proposed. key: one PRNG key,
+    or one per position [B, W] (see position_keys)."""
+    keys = position_keys(key, logits.shape[:2])
+    k_sample, k_rule = (_draw(keys, lambda k: jax.random.fold_in(k, i)) for i in (0, 1))
+    logits = logits.at[..., mask_id].set(-jnp.inf)
     z = logits / cfg.temperature if cfg.temperature > 0 else logits
     z = _top_k(_top_p(z, cfg.top_p), cfg.top_k)
     z_max = jnp.max(z, -1)  # finite: the vocabulary is never all filtered
     lse = z_max + jnp.log(jnp.sum(jnp.exp(z - z_max[..., None]), -1))
     if cfg.temperature > 0:  # Gumbel-max: a sample of softmax(z)
-        x0 = _argmax(z + jax.random.gumbel(k_sample, z.shape))
-    else:
-        x0 = _argmax(z, z_max)
-    prob = jnp.exp(_take(z, x0) - lse)
+        x0 = argmax(z + _draw(k_sample, lambda k: jax.random.gumbel(k, z.shape[-1:])))
+        prob = jnp.exp(_take(z, x0) - lse)
+    else:  # z[x0] is z_max: no gather
+        x0 = argmax(z, z_max)
+        prob = jnp.exp(z_max - lse)
     confidence = _confidence(cfg.alg, logits, z, lse, prob, x0, k_rule)
     if cfg.suppress_eos:  # rank EOS last and let it count for no parallel commit
         is_eos = x0 == eos_id
@@ -246,12 +273,14 @@ def select(cfg: SampleConfig, confidence: Array, eligible: Array, k: Array, frac
            key) -> Array:
     """[B, W] bool: the positions to commit. The k best eligible by confidence (or
     k drawn without replacement from softmax(confidence / alg_temp), by Gumbel
-    top-k); `origin`: each eligible position with probability frac [B]."""
+    top-k); `origin`: each eligible position with probability frac [B]. key: one
+    PRNG key, or one per position [B, W] (see position_keys)."""
+    keys = position_keys(key, eligible.shape)
     if cfg.alg == "origin":
-        return eligible & (jax.random.uniform(key, eligible.shape) < frac[:, None])
+        return eligible & (_draw(keys, jax.random.uniform) < frac[:, None])
     score = confidence
     if cfg.alg_temp > 0:
-        score = confidence / cfg.alg_temp + jax.random.gumbel(key, confidence.shape)
+        score = confidence / cfg.alg_temp + _draw(keys, jax.random.gumbel)
     # Eligible first, then by score, ties to the left; rank = inverse permutation.
     by_rank = jnp.lexsort((-score, ~eligible), axis=-1)
     rank = jnp.argsort(by_rank, axis=-1)
@@ -340,9 +369,11 @@ def _step(st: _State, params, rng, cfg: SampleConfig, apply_fn, valid, generated
     logits, cache, refreshed = _window_logits(params, apply_fn, st, valid, window_start, width,
                                               refresh)
 
-    k_propose, k_select = jax.random.split(jax.random.fold_in(rng, st.i))
-    x0, prob, confidence = propose(logits, k_propose, cfg, mask_id, eos_id)
     at = lambda x: slice_rows(x, window_start, width)
+    # Keys of canvas positions: the same draws whatever the window's width.
+    k_propose, k_select = (at(position_keys(k, st.tokens.shape))
+                           for k in jax.random.split(jax.random.fold_in(rng, st.i)))
+    x0, prob, confidence = propose(logits, k_propose, cfg, mask_id, eos_id)
     eligible = at(masked) & (window < (start + block_length)[:, None]) & active[:, None]
     k = how_many(cfg, eligible, prob, j, steps_per_block)
     frac = reveal_fraction(j, steps_per_block, cfg.eps)
@@ -364,15 +395,15 @@ def _step(st: _State, params, rng, cfg: SampleConfig, apply_fn, valid, generated
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "apply_fn", "mask_id", "pad_id", "eos_id",
-                                             "trace"))
+                                             "span", "trace"))
 def _generate(params, prompts, valid, rng, cfg, apply_fn, mask_id, pad_id, eos_id,
-              trace=False) -> Decoded:
+              span, trace=False) -> Decoded:
     b, p = prompts.shape
     n = cfg.max_new_tokens
     tokens = jnp.concatenate([prompts, jnp.full((b, n), mask_id, prompts.dtype)], axis=1)
     valid = jnp.concatenate([valid, jnp.ones((b, n), bool)], axis=1)
     generated = (tokens == mask_id) & valid
-    block_length = cfg.block_length or p + n  # 0: one block
+    block_length = cfg.block_length or span  # 0: one block
     first, steps_per_block = _block_layout(generated, block_length, cfg.steps)
     cache = None
     if cfg.cache:
@@ -399,6 +430,17 @@ def _generate(params, prompts, valid, rng, cfg, apply_fn, mask_id, pad_id, eos_i
     return Decoded(tokens, st.order, st.confidence, st.steps, st.refreshes, st.trace)
 
 
+def _generated_span(prompts, valid, n: int, mask_id: int) -> int:
+    """Canvas positions from the earliest generated one (a mask token in a prompt, else
+    the first new token) to the end: the one-block decoding window, so that no prompt
+    position before it is proposed for. P + n when the prompts are traced."""
+    p = prompts.shape[1]
+    if isinstance(prompts, jax.core.Tracer) or isinstance(valid, jax.core.Tracer):
+        return p + n
+    holes = np.asarray((prompts == mask_id) & valid).any(0)
+    return max(1, p + n - (int(holes.argmax()) if holes.any() else p))
+
+
 def generate(params, prompts: Array, rng: Array, cfg: SampleConfig, *, apply_fn: Callable,
              mask_id: int, pad_id: int | None = None, eos_id: int | None = None,
              valid: Array | None = None, trace: bool = False) -> Decoded:
@@ -418,6 +460,7 @@ def generate(params, prompts: Array, rng: Array, cfg: SampleConfig, *, apply_fn:
     if cfg.suppress_eos and eos_id is None:
         raise ValueError("sample.suppress_eos needs an eos_id")
     return _generate(params, prompts, valid, rng, cfg=cfg, apply_fn=apply_fn, mask_id=mask_id,
+                     span=_generated_span(prompts, valid, cfg.max_new_tokens, mask_id),
                      pad_id=eos_id if pad_id is None else pad_id, eos_id=eos_id, trace=trace)
 
 

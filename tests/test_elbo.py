@@ -23,6 +23,14 @@ class Recorder:
         self.inputs.append((tokens, valid, lookahead))
         return table
 
+    @property
+    def scored(self):
+        """The recorder as an ELBO apply_fn (its table scored as the logits)."""
+        return elbo.from_logits(self)
+
+
+TABLE = elbo.from_logits(lambda table, *a: table)  # a stand-in model: logits = its params
+
 
 def batch(seed=0, b=B, s=S):
     return {"tokens": jax.random.randint(jax.random.key(seed), (b, s), 0, MASK)}
@@ -32,7 +40,7 @@ def test_only_masked_positions_carry_gradient():
     rec = Recorder()
     x = batch()
     table = jax.random.normal(jax.random.key(1), (B, S, V))
-    grads = jax.grad(lambda p: elbo.elbo_loss(p, x, jax.random.key(2), apply_fn=rec,
+    grads = jax.grad(lambda p: elbo.elbo_loss(p, x, jax.random.key(2), apply_fn=rec.scored,
                                               cfg=elbo.ElboConfig(), mask_id=MASK)[0])(table)
     noisy = rec.inputs[-1][0]
     masked = np.asarray(noisy == MASK)
@@ -48,7 +56,7 @@ def test_uniform_model_scores_log_v_per_masked_token():
     losses = []
     for seed in range(40):
         loss, m = elbo.elbo_loss(zeros, batch(seed), jax.random.key(seed),
-                                 apply_fn=lambda p, *a: p, cfg=elbo.ElboConfig(), mask_id=MASK)
+                                 apply_fn=TABLE, cfg=elbo.ElboConfig(), mask_id=MASK)
         assert float(m["masked_nll"]) == pytest.approx(math.log(V), rel=1e-5)  # float32 sums
         losses.append(float(loss))
     # E[w(t) * mask fraction] = 1 for every schedule, so the NELBO estimate -> log V.
@@ -59,7 +67,7 @@ def test_uniform_model_scores_log_v_per_masked_token():
 def test_mc_nelbo_of_uniform_model_is_s_log_v(schedule):
     zeros = jnp.zeros((B, S, V))
     cfg = elbo.ElboConfig(schedule=schedule)
-    nll, n = elbo.nelbo(zeros, batch(), jax.random.key(0), apply_fn=lambda p, *a: p, cfg=cfg,
+    nll, n = elbo.nelbo(zeros, batch(), jax.random.key(0), apply_fn=TABLE, cfg=cfg,
                         mask_id=MASK, num_samples=64)
     np.testing.assert_array_equal(n, S - 1)     # position 0 is never noised
     assert float(nll.mean()) == pytest.approx((S - 1) * math.log(V), rel=0.05)
@@ -83,8 +91,8 @@ def test_position_0_is_never_noised_and_carries_no_loss():
     col1_masked = 0
     for seed in range(50):
         x = batch(seed)
-        elbo.elbo_loss(table, x, jax.random.key(seed), apply_fn=rec, cfg=elbo.ElboConfig(),
-                       mask_id=MASK)
+        elbo.elbo_loss(table, x, jax.random.key(seed), apply_fn=rec.scored,
+                       cfg=elbo.ElboConfig(), mask_id=MASK)
         noisy = np.asarray(rec.inputs[-1][0])
         np.testing.assert_array_equal(noisy[:, 0], x["tokens"][:, 0])
         col1_masked += int((noisy[:, 1] == MASK).sum())
@@ -94,7 +102,7 @@ def test_position_0_is_never_noised_and_carries_no_loss():
     x = batch(7)
     table = np.array(jax.random.normal(jax.random.key(8), (B, S, V)))
     table[np.arange(B), 0, np.asarray(x["tokens"][:, 0])] = -1e4
-    loss, m = elbo.elbo_loss(jnp.asarray(table), x, jax.random.key(9), apply_fn=rec,
+    loss, m = elbo.elbo_loss(jnp.asarray(table), x, jax.random.key(9), apply_fn=rec.scored,
                              cfg=ALL_MASKED, mask_id=MASK)
     noisy = np.asarray(rec.inputs[-1][0])
     assert (noisy[:, 0] != MASK).all() and (noisy[:, 1:] == MASK).all()
@@ -154,7 +162,7 @@ def test_sequence_and_token_normalisation_match_numpy(train_on_pad):
     for normalize, value in want.items():
         cfg = dataclasses.replace(ALL_MASKED, normalize=normalize, train_on_pad=train_on_pad)
         loss, _ = elbo.elbo_loss(jnp.asarray(table), x, jax.random.key(13),
-                                 apply_fn=lambda p, *a: p, cfg=cfg, mask_id=MASK)
+                                 apply_fn=TABLE, cfg=cfg, mask_id=MASK)
         assert float(loss) == pytest.approx(value, rel=1e-5), normalize
     with pytest.raises(ValueError, match="normalize"):
         elbo.ElboConfig(normalize="batch")
@@ -169,7 +177,7 @@ def test_sft_never_masks_the_prompt_and_pads_follow_the_option():
          "pad_mask": jnp.broadcast_to(pad, (B, S))}
     table = jnp.zeros((B, S, V))
     for seed in range(10):
-        elbo.elbo_loss(table, x, jax.random.key(seed), apply_fn=rec, cfg=elbo.ElboConfig(),
+        elbo.elbo_loss(table, x, jax.random.key(seed), apply_fn=rec.scored, cfg=elbo.ElboConfig(),
                        mask_id=MASK)
         noisy, valid, _ = rec.inputs[-1]
         np.testing.assert_array_equal(noisy[:, :8], x["tokens"][:, :8])
@@ -177,7 +185,8 @@ def test_sft_never_masks_the_prompt_and_pads_follow_the_option():
     assert bool((noisy[:, 20:] == MASK).any())
     flexible = elbo.ElboConfig(train_on_pad=False)
     for seed in range(10):
-        elbo.elbo_loss(table, x, jax.random.key(seed), apply_fn=rec, cfg=flexible, mask_id=MASK)
+        elbo.elbo_loss(table, x, jax.random.key(seed), apply_fn=rec.scored, cfg=flexible,
+                       mask_id=MASK)
         noisy, valid, _ = rec.inputs[-1]
         np.testing.assert_array_equal(noisy[:, 20:], x["tokens"][:, 20:])
         assert not bool(valid[:, 20:].any())
@@ -187,7 +196,7 @@ def test_stage1_truncation_and_prefix():
     rec = Recorder()
     table = jnp.zeros((B, S, V))
     cfg = elbo.ElboConfig(truncate_prob=1.0, prefix_prob=0.0)
-    elbo.elbo_loss(table, batch(), jax.random.key(5), apply_fn=rec, cfg=cfg, mask_id=MASK)
+    elbo.elbo_loss(table, batch(), jax.random.key(5), apply_fn=rec.scored, cfg=cfg, mask_id=MASK)
     noisy, valid, _ = rec.inputs[-1]
     length = int(valid[0].sum())
     assert length < S and bool(valid[:, :length].all())
@@ -195,14 +204,15 @@ def test_stage1_truncation_and_prefix():
     cfg = elbo.ElboConfig(truncate_prob=0.0, prefix_prob=1.0)
     prefixes = set()
     for seed in range(8):
-        elbo.elbo_loss(table, batch(), jax.random.key(seed), apply_fn=rec, cfg=cfg, mask_id=MASK)
+        elbo.elbo_loss(table, batch(), jax.random.key(seed), apply_fn=rec.scored, cfg=cfg,
+                       mask_id=MASK)
         noisy = np.asarray(rec.inputs[-1][0])
         first_masked = (noisy == MASK).any(0).argmax()
         prefixes.add(int(first_masked))
         assert bool(rec.inputs[-1][1].all())
     assert len(prefixes) > 1    # a random prefix length, not a fixed one
     # Probability 0: no augmentation.
-    elbo.elbo_loss(table, batch(), jax.random.key(0), apply_fn=rec, cfg=elbo.ElboConfig(),
+    elbo.elbo_loss(table, batch(), jax.random.key(0), apply_fn=rec.scored, cfg=elbo.ElboConfig(),
                    mask_id=MASK)
     assert bool(rec.inputs[-1][1].all())
 
@@ -244,8 +254,7 @@ def test_annealed_loss_runs_through_the_model():
                         mlp=64)
     model = M.Transformer(cfg)
     params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-    apply_fn = lambda p, x, valid, lookahead: model.apply({"params": p}, x, valid,
-                                                          lookahead=lookahead)
+    apply_fn = M.model_apply(model)   # the chunked cross-entropy under the [S, S] mask
     loss = jax.jit(lambda p, step, c: elbo.elbo_loss(p, batch(), jax.random.key(3),
                                                      apply_fn=apply_fn, cfg=c, mask_id=MASK,
                                                      step=step)[0], static_argnums=2)

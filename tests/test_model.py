@@ -1,10 +1,12 @@
 """Model: attention direction, padding, RoPE, logits shift, FLOPs and param count."""
 import dataclasses
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from dllm import model as M
@@ -111,8 +113,9 @@ def test_logits_shift_moves_predictions_right_by_one(params):
 def test_bfloat16_and_remat_agree_with_float32(params):
     x = tokens()
     ref = apply(params, x)
-    for cfg in (dataclasses.replace(CFG, remat="full"), dataclasses.replace(CFG, remat="dots")):
-        np.testing.assert_allclose(apply(params, x, cfg), ref, atol=1e-5)
+    for remat in M.REMAT_POLICIES:
+        np.testing.assert_allclose(apply(params, x, dataclasses.replace(CFG, remat=remat)), ref,
+                                   atol=1e-5)
     bf16 = apply(params, x, dataclasses.replace(CFG, dtype="bfloat16"))
     assert bf16.dtype == jnp.float32
     np.testing.assert_allclose(bf16, ref, atol=0.05)
@@ -181,3 +184,59 @@ def test_window_call_with_a_fresh_cache_matches_the_full_forward(params):
     _, stale = apply(params, y, cfg, valid=valid, return_kv=True)
     out_stale = apply(params, x_window, cfg, cache=stale, window_start=start)
     assert jnp.abs(out_stale[0] - out[0]).max() > 1e-4
+
+
+@pytest.mark.parametrize("shift,tied", [(False, False), (True, True)])
+def test_targets_are_scored_as_the_logits_would_score_them(params, shift, tied):
+    """The chunked head (chunks of 5 over 12 positions) gives optax's cross-entropy of
+    the logits, their argmax, and the same parameter gradients for a per-token
+    cotangent."""
+    cfg = dataclasses.replace(CFG, shift_logits=shift, tie_embeddings=tied, xent_chunk=5)
+    p = params if not tied else M.Transformer(cfg).init(jax.random.key(0), tokens())["params"]
+    x, t = tokens(), tokens(seed=1)
+    g = jax.random.normal(jax.random.key(2), t.shape)
+
+    def chunked(p):
+        nll, predicted = apply(p, x, cfg, targets=t)
+        return jnp.sum(g * nll), (nll, predicted)
+
+    def plain(p):
+        logits = apply(p, x, cfg)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, t)
+        return jnp.sum(g * nll), (nll, jnp.argmax(logits, -1))
+
+    (_, (nll, predicted)), grads = jax.value_and_grad(chunked, has_aux=True)(p)
+    (_, (want_nll, want_argmax)), want_grads = jax.value_and_grad(plain, has_aux=True)(p)
+    np.testing.assert_allclose(nll, want_nll, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(predicted, want_argmax)
+    chex.assert_trees_all_close(grads, want_grads, atol=2e-5)
+
+
+def test_remat_policies_keep_less_memory_in_order_and_the_same_gradients(params):
+    x = tokens(s=64)
+    loss = lambda cfg: lambda p: jnp.sum(apply(p, x, cfg, targets=x)[0])
+    ref = jax.grad(loss(CFG))(params)
+    temp = []
+    for remat in M.REMAT_POLICIES:  # none, dots_attention, dots, attention, full
+        cfg = dataclasses.replace(CFG, remat=remat)
+        chex.assert_trees_all_close(jax.grad(loss(cfg))(params), ref, atol=1e-5)
+        compiled = jax.jit(jax.grad(loss(cfg))).lower(params).compile()
+        temp.append(compiled.memory_analysis().temp_size_in_bytes)
+    assert temp == sorted(temp, reverse=True) and len(set(temp)) == len(temp), temp
+
+
+def test_pallas_attention_path_in_the_model_matches_xla(params):
+    """Splash attention (interpret mode on CPU) with left padding, bidirectional and
+    with a causal band: the model's logits at real positions equal the XLA path's."""
+    x = tokens(s=128)
+    valid = jnp.arange(128)[None] >= jnp.array([[0], [29]])
+    pallas = dataclasses.replace(CFG, attention="pallas", remat="full")  # remat traces the mask
+    for lookahead in (None, 0):
+        out = apply(params, x, pallas, valid=valid, lookahead=lookahead)
+        ref = apply(params, x, valid=valid, lookahead=lookahead)
+        np.testing.assert_allclose(jnp.where(valid[..., None], out, 0),
+                                   jnp.where(valid[..., None], ref, 0), atol=1e-4)
+    # A traced lookahead (attention annealing) takes the XLA path.
+    annealed = jax.jit(lambda p, la: apply(p, x, pallas, valid=valid, lookahead=la))
+    np.testing.assert_allclose(annealed(params, 7), apply(params, x, valid=valid, lookahead=7),
+                               atol=1e-5)

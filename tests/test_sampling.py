@@ -187,6 +187,22 @@ def test_top_p_and_top_k_keep_the_tokens_numpy_keeps():
     np.testing.assert_array_equal(np.sort(np.flatnonzero(got[0])), np.sort(np.argsort(-z[0])[:5]))
 
 
+def test_top_p_finds_the_nucleus_among_candidates_or_sorts_everything():
+    """Rows from flat to peaked: with few candidates (the nucleus does not fit: the
+    full sort) and with enough, the kept tokens are NumPy's in every row."""
+    z = np.asarray(jax.random.normal(jax.random.key(8), (64, VOCAB)))
+    z = z * np.linspace(0.1, 12.0, 64)[:, None]
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    desc = -np.sort(-p, -1)
+    cutoff = np.where(np.cumsum(desc, -1) - desc <= 0.9, desc, np.inf).min(-1, keepdims=True)
+    want = p >= cutoff
+    for candidates in (2, 16, VOCAB):
+        got = np.isfinite(np.asarray(S._top_p(jnp.asarray(z, jnp.float32), 0.9, candidates)))
+        np.testing.assert_array_equal(got, want)
+    assert want.sum(-1).max() > 16 and want.sum(-1).min() <= 2  # both branches taken
+
+
 def test_tokens_are_sampled_from_the_tempered_filtered_distribution():
     """Frequencies of proposals match NumPy's softmax(logits / T) renormalised over
     the top-p nucleus or the top-k."""
@@ -319,6 +335,23 @@ def test_greedy_batch_with_left_padding_equals_each_row_alone(params, prompts, k
         np.testing.assert_array_equal(batch.tokens[row, pad:], alone.tokens[0])
         np.testing.assert_array_equal(batch.order[row, pad:], alone.order[0])
         assert int(batch.steps[row]) == int(alone.steps[0])
+
+
+def test_one_block_window_from_concrete_prompts_changes_nothing(params, prompts):
+    """Eager prompts let one-block decoding propose from the first generated position
+    on; under jit (traced prompts) the window is the whole canvas. Same output, with
+    a hole of masks in a prompt too (infilling)."""
+    x, valid = prompts
+    x = x.at[2, 4:6].set(MASK)
+    for kw in (dict(alg="entropy"), dict(alg="maskgit_plus", temperature=0.8, top_p=0.9)):
+        cfg = S.SampleConfig(max_new_tokens=N, steps=N, **kw)
+        eager = S.generate(params, x, jax.random.key(3), cfg, apply_fn=APPLY, mask_id=MASK,
+                           valid=valid)
+        traced = jax.jit(lambda p, x, v: S.generate(p, x, jax.random.key(3), cfg, apply_fn=APPLY,
+                                                    mask_id=MASK, valid=v))(params, x, valid)
+        assert S._generated_span(x, valid, N, MASK) == 8 + N - 4
+        np.testing.assert_array_equal(eager.tokens, traced.tokens)
+        np.testing.assert_array_equal(eager.order, traced.order)
 
 
 # ----------------------------------------------------------------------------- EOS
