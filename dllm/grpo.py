@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from dllm import elbo, evaluate as evaluate_lib, rewards, sampling, sharding, tasks as tasks_lib
+from dllm import evaluate as evaluate_lib, rewards, sampling, sharding, tasks as tasks_lib
 from dllm.stage import BatchSource, Stage, StageContext
 
 Array = jax.Array
@@ -181,9 +181,9 @@ def token_logps(params, batch, *, apply_fn, cfg: GrpoConfig, mask_id: int) -> Ar
     k = len(weights)
     masked = jnp.concatenate([masked_prompt, masked_completion], axis=-1)   # [K, B, S]
     noisy = jnp.where(masked, mask_id, tokens[None]).reshape(k * b, s)
-    logits = apply_fn(params, noisy, jnp.tile(valid, (k, 1)))             # [K*B, S, V]
-    logp = -elbo.token_nll(logits[:, p:], jnp.tile(tokens[:, p:], (k, 1)))  # float32
-    logp = logp.reshape(k, b, n)
+    # The head scores the tokens in chunks (float32), never the whole [K*B, S, V] logits.
+    nll, _ = apply_fn(params, noisy, jnp.tile(valid, (k, 1)), targets=jnp.tile(tokens, (k, 1)))
+    logp = -nll[:, p:].reshape(k, b, n)
     return jnp.einsum("k,kbn->bn", weights, jnp.where(masked_completion, logp, 0.0))
 
 

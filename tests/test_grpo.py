@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dllm import grpo, model as model_lib, sampling
+from dllm import elbo, grpo, model as model_lib, sampling
 
 V, MASK = 6, 5
 B, P, N = 4, 3, 40
@@ -92,11 +92,12 @@ class Recorder:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, table, tokens, valid):
+    def __call__(self, table, tokens, valid, targets):
         self.calls.append((np.asarray(tokens), np.asarray(valid)))
         scale = (tokens == MASK).sum(1).astype(jnp.float32) / 10 + 1.0
-        return jnp.broadcast_to(table[None, None, :] * scale[:, None, None],
-                                tokens.shape + (V,))
+        logits = jnp.broadcast_to(table[None, None, :] * scale[:, None, None],
+                                  tokens.shape + (V,))
+        return elbo.token_nll(logits, targets), jnp.argmax(logits, -1)
 
 
 def rollout_batch(seed=0, b=B, n=N, p=P):
@@ -180,7 +181,8 @@ def tiny_model():
                                 head_dim=16, mlp=64)
     model = model_lib.Transformer(cfg)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
-    return params, lambda p, tokens, valid: model.apply({"params": p}, tokens, valid)
+    return params, lambda p, tokens, valid, targets: model.apply({"params": p}, tokens, valid,
+                                                                 targets=targets)
 
 
 def test_first_iteration_ratio_is_one_and_gradient_is_the_policy_gradient():
