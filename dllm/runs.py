@@ -61,7 +61,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 # Model keys a resumed run may change: they do not change what a checkpoint holds.
-_RUNTIME_MODEL_KEYS = ("dtype", "remat", "preset")
+_RUNTIME_MODEL_KEYS = ("dtype", "remat", "preset", "attention", "xent_chunk")
 
 
 def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:

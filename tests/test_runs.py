@@ -146,3 +146,20 @@ def test_the_run_keeps_its_tokenizer(trained_run, tmp_path):
 
 def test_max_len_is_the_trained_context(trained_run):
     assert runs.load_run(trained_run).max_len == 64 == runs.read_config(trained_run).data.seq_len
+
+
+def test_resume_ignores_how_the_model_computes_not_what_it_holds(tmp_path):
+    """A run saved before the attention / xent_chunk keys existed (and with another
+    dtype) resumes; a changed shape key is named."""
+    from dllm import config as config_lib
+    config = config_lib.base_config()
+    saved = config.to_dict()
+    for key in ("attention", "xent_chunk"):
+        saved["model"].pop(key)
+    saved["model"]["dtype"] = "bfloat16"
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+    runs.check_resume(config, str(tmp_path))
+    config.model.hidden = 64
+    with pytest.raises(ValueError, match=r"model.hidden: 128 there, 64 here"):
+        runs.check_resume(config, str(tmp_path))
