@@ -44,8 +44,8 @@ def tiny_config(estimator: str):
     c.sample.update(max_new_tokens=32, steps=32, block_length=32, alg="entropy", top_p=0.95,
                     temperature=1.2,
                     prompt="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-                           "<|im_start|>user\nWrite a Python function `add_5(x)` that returns "
-                           "`x` plus 5.\nTest cases: assert add_5(1) == 6<|im_end|>\n"
+                           "<|im_start|>user\nWrite a Python function `add(x)` that returns "
+                           "`x` plus 5.\nTest cases: assert add(1) == 6<|im_end|>\n"
                            "<|im_start|>assistant\n")
     return c
 

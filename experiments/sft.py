@@ -38,12 +38,16 @@ def get_config(arg: str = ""):
         # at one canvas length over to another.
         c.data.update(source="tasks", path="synthetic:train", seq_len=160, sft_response_len=32,
                       vocab_size=512, eval_fraction=0.03)  # 32 of the 1070 training tasks
-        c.train.update(steps=1000, batch_size=32, lr=3e-3, b2=0.98, warmup_steps=50,
-                       log_every=50, eval_every=1000)
-        c.checkpoint.update(every=250, keep=1)
+        # Held-out pass@1 (greedy) was 0.02 after 1000 steps and 0.66 after 3000 (that run
+        # was resumed at 1000 with 3000 steps: benchmarks/RESULTS.md).
+        c.train.update(steps=3000, batch_size=32, lr=3e-3, b2=0.98, warmup_steps=50,
+                       log_every=50, eval_every=3000)
+        c.checkpoint.update(every=500, keep=1)
+        c.sample.update(max_new_tokens=32, steps=32, alg="entropy")
         c.sample.prompt = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-                           "<|im_start|>user\nWrite a Python function `add_5(x)` that returns "
-                           "`x` plus 5.<|im_end|>\n<|im_start|>assistant\n")
+                           "<|im_start|>user\nWrite a Python function `add(x)` that returns "
+                           "`x` plus 5.\nTest cases: assert add(1) == 6<|im_end|>\n"
+                           "<|im_start|>assistant\n")
         return c
     if arg == "7b":
         c = base_config("7b")
