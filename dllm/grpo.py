@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import time
 
 import jax
@@ -548,7 +549,7 @@ def held_out(batches: Rollouts, tasks: list, state) -> dict:
     t = time.perf_counter()
     cfg = dataclasses.replace(batches.sample_cfg, temperature=c.grpo.eval_temperature)
     tok, rows = batches.tok, batches.rows
-    calls = iter(range(1 << 30))
+    calls = itertools.count()
 
     def sample_fn(texts: list[str]) -> list[str]:
         ids = [tok.encode(x) for x in texts]
