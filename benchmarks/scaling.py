@@ -29,10 +29,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
-from benchmarks.train_step import device_name, time_steps  # noqa: E402
-from dllm import config as config_lib, elbo, metrics, model as model_lib, sharding, train  # noqa: E402
+from benchmarks.train_step import compiled_step, device_name, time_steps  # noqa: E402
+from dllm import config as config_lib, metrics, model as model_lib, sharding  # noqa: E402
 
 # (preset, global batch, sequence length): batches divide 8 devices.
 SHAPES = {"tiny": (32, 128), "100m": (8, 128)}
@@ -45,19 +44,7 @@ def build_step(preset: str, n: int, axis: str, dtype: str):
     config = config_lib.base_config(preset)
     config.model.dtype = dtype
     config.mesh.update({"data": 1, "fsdp": 1, "tensor": 1, axis: n})
-    model = model_lib.Transformer(model_lib.config_from_dict(config.model))
-    tx, _ = train.make_optimizer(config.train)
-    mesh = sharding.make_mesh(config.mesh, jax.devices()[:n])
-    state, shardings = train.init_state(model, tx, 0, mesh, sharding.DEFAULT_RULES)
-    loss_fn = elbo.stage_loss(config.loss, model_lib.model_apply(model),
-                              config.model.vocab_size - 1)
-    tokens = np.random.default_rng(0).integers(0, config.model.vocab_size - 1, (batch, seq),
-                                               dtype=np.int32)
-    with sharding.activate(mesh, sharding.DEFAULT_RULES):
-        step = train.jit_train_step(train.make_train_step(loss_fn, tx), shardings, mesh)
-        data = sharding.global_batch({"tokens": tokens}, mesh)
-        step = step.lower(state, data).compile()
-    return step, state, data
+    return compiled_step(config, n, batch, seq)
 
 
 def op_names(compiled) -> set[str]:

@@ -76,6 +76,22 @@ def time_call(fn):
     return (time.perf_counter() - wall, time.process_time() - cpu), out
 
 
+def compiled_step(config, n_devices: int, batch: int, seq: int):
+    """(compiled ELBO train step, state, random batch [batch, seq]) of `config` on a mesh
+    of the first n_devices devices (config.mesh)."""
+    model = model_lib.Transformer(model_lib.config_from_dict(config.model))
+    tx, _ = train.make_optimizer(config.train)
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:n_devices])
+    state, shardings = train.init_state(model, tx, 0, mesh, sharding.DEFAULT_RULES)
+    vocab = config.model.vocab_size
+    loss_fn = elbo.stage_loss(config.loss, model_lib.model_apply(model), vocab - 1)
+    tokens = np.random.default_rng(0).integers(0, vocab - 1, (batch, seq), dtype=np.int32)
+    with sharding.activate(mesh, sharding.DEFAULT_RULES):
+        step = train.jit_train_step(train.make_train_step(loss_fn, tx), shardings, mesh)
+        data = sharding.global_batch({"tokens": tokens}, mesh)
+        return step.lower(state, data).compile(), state, data
+
+
 class DllmStep:
     """The jitted train step of a preset (bidirectional, `dtype`, `remat`) with its
     state and a random batch; `timed()` runs one step."""
@@ -84,18 +100,7 @@ class DllmStep:
         config = config_lib.base_config(preset)
         config.model.update(causal=False, dtype=dtype, remat=remat)
         self.cfg = model_lib.config_from_dict(config.model)
-        model = model_lib.Transformer(self.cfg)
-        tx, _ = train.make_optimizer(config.train)
-        mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-        self.state, shardings = train.init_state(model, tx, 0, mesh, sharding.DEFAULT_RULES)
-        loss_fn = elbo.stage_loss(config.loss, model_lib.model_apply(model),
-                                  self.cfg.vocab_size - 1)
-        tokens = np.random.default_rng(0).integers(0, self.cfg.vocab_size - 1, (batch, seq),
-                                                   dtype=np.int32)
-        with sharding.activate(mesh, sharding.DEFAULT_RULES):
-            step = train.jit_train_step(train.make_train_step(loss_fn, tx), shardings, mesh)
-            self.data = sharding.global_batch({"tokens": tokens}, mesh)
-            self.step = step.lower(self.state, self.data).compile()
+        self.step, self.state, self.data = compiled_step(config, 1, batch, seq)
         mem = self.step.memory_analysis()
         self.memory = {k: getattr(mem, f"{k}_size_in_bytes", None)
                        for k in ("argument", "output", "alias", "temp")}
