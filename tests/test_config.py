@@ -10,9 +10,10 @@ from dllm import config as config_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _config(**changes):
-    """The base config (8 CPU devices: mesh data 8) with dotted-key changes."""
-    c = config_lib.base_config()
+def _config(c=None, **changes):
+    """`c` (default: the base config; 8 CPU devices: mesh data 8) with changes given
+    as section__key=value."""
+    c = config_lib.base_config() if c is None else c
     for key, value in changes.items():
         section, name = key.split("__")
         c[section][name] = value
@@ -80,10 +81,7 @@ def test_an_unknown_stage_is_named():
 def _grpo_config(**changes):
     c = config_lib.load_experiment(f"{ROOT}/experiments/coupled_grpo.py:tiny")
     c.init.warmup = ""
-    for key, value in changes.items():
-        section, name = key.split("__")
-        c[section][name] = value
-    return c
+    return _config(c, **changes)
 
 
 @pytest.mark.parametrize("changes,message", [
