@@ -100,6 +100,7 @@ def split_config(workdir: str | None, shape: str, steps: int, prompts: int):
     c.grpo.update(generations=10, max_prompt_len=128)
     c.train.batch_size = prompts * 10
     c.sample.update(max_new_tokens=256, steps=256, block_length=256)
+    c.data.seq_len = c.grpo.max_prompt_len + c.sample.max_new_tokens
     return c
 
 
