@@ -12,10 +12,11 @@ on the pretraining ELBO, AdamW, state donated, one-device mesh; attention path
 `model.attention=auto`); the peer is benchmarks/torch_peer.py (transformers Qwen2
 of the same shape, full attention mask or none, same loss, AdamW).
 
-Every call is timed in turn: ceiling, each dllm row's step, the peer's step, then
-again, `steps` times after a warm-up; medians are reported, so load on a shared
-machine falls on all alike. Peers run one at a time beside the dllm rows (each
-freed before the next), so a device holds the dllm rows and one peer at once. The ceiling is a jitted matmul on random operands in
+Each phase times its calls in turn with the ceiling, `steps` times after a
+warm-up, and reports medians; a row's MFU is against its own phase's ceiling, so
+a shared machine's load falls on both alike. Phases: each torch peer alone (freed
+before the next), then the dllm rows (a 1.5B dllm state and a peer do not fit
+one device together once JAX's allocator has grown). The ceiling is a jitted matmul on random operands in
 the step's dtype (2048^2 on CPU, 8192^2 on an accelerator). MFU = model FLOPs per
 token (`model.flops_per_token`: 3 x forward, full bidirectional attention) x
 tokens/s / ceiling. On CPU the same ratio from process CPU time is given too
@@ -95,6 +96,13 @@ def compiled_step(config, n_devices: int, batch: int, seq: int):
         return step.lower(state, data).compile(), state, data
 
 
+def preset_config(preset: str, dtype: str, remat: str, param_dtype: str = "float32"):
+    """The base config of `preset` made bidirectional, in `dtype` compute."""
+    config = config_lib.base_config(preset)
+    config.model.update(causal=False, dtype=dtype, remat=remat, param_dtype=param_dtype)
+    return config
+
+
 class DllmStep:
     """The jitted train step of a preset (bidirectional, compute `dtype`, `remat`,
     parameters in `param_dtype`; Adam state float32) with its state and a random
@@ -102,8 +110,7 @@ class DllmStep:
 
     def __init__(self, preset: str, batch: int, seq: int, dtype: str, remat: str,
                  param_dtype: str = "float32"):
-        config = config_lib.base_config(preset)
-        config.model.update(causal=False, dtype=dtype, remat=remat, param_dtype=param_dtype)
+        config = preset_config(preset, dtype, remat, param_dtype)
         self.cfg = model_lib.config_from_dict(config.model)
         self.step, self.state, self.data = compiled_step(config, 1, batch, seq)
         mem = self.step.memory_analysis()
@@ -127,49 +134,49 @@ def bench_preset(preset: str, args, accelerator: bool) -> list[dict]:
     batch, seq = args.batch or SHAPES[preset][0], args.seq or SHAPES[preset][1]
     dtype = "bfloat16" if accelerator else "float32"
     ceiling = metrics.MatmulTimer(dtype, 8192 if accelerator else 2048)
-    runs, peaks = {}, {}
+    cfg = model_lib.config_from_dict(preset_config(preset, dtype, "none").model)
+    times, peaks, memory = {}, {}, {}
+
+    def interleave(phase: str, calls: dict):
+        """Times the ceiling and `calls` in turn; the phase's ceiling is its own."""
+        calls = {f"ceiling {phase}": ceiling, **calls}
+        for _ in range(args.steps):
+            for k, fn in calls.items():
+                for _ in range(5 if k.startswith("ceiling") else 1):  # short: more samples
+                    times.setdefault(k, []).append(fn())
+        return {k: phase for k in calls}
+
+    phase_of = {}
+    for attention in args.peer:   # each peer alone on the device, then freed
+        from benchmarks.torch_peer import Peer
+        name = f"torch {attention}"
+        peer = Peer(cfg, batch, seq, attention)
+        peer.step()  # warm-up
+        phase_of.update(interleave(name, {name: peer.timed_step}))
+        peaks[name], memory[name] = peer.peak_bytes(), None
+        del peer
+        Peer.release()
+    runs = {}
     for p in args.param_dtype:
         for r in args.remat:
             name = f"dllm remat={r}" + ("" if p == "float32" else f" params={p}")
             runs[name] = DllmStep(preset, batch, seq, dtype, r, p)
             peaks[name] = device_peak_bytes()  # the first row's own; later rows' add theirs
-    cfg = next(iter(runs.values())).cfg
-    calls = {"ceiling": ceiling, **{k: r.timed for k, r in runs.items()}}
-    times = {k: [] for k in calls}
-    peer_peaks = {}
-
-    def interleave(calls):
-        for _ in range(args.steps):
-            for k, fn in calls.items():
-                for _ in range(5 if k == "ceiling" else 1):  # short: more samples of the load
-                    times.setdefault(k, []).append(fn())
-
-    if not args.peer:
-        interleave(calls)
-    for attention in args.peer:   # one peer on the device at a time, beside the dllm rows
-        from benchmarks.torch_peer import Peer
-        peer = Peer(cfg, batch, seq, attention)
-        peer.step()  # warm-up
-        interleave({**calls, f"torch {attention}": peer.timed_step})
-        peer_peaks[f"torch {attention}"] = peer.peak_bytes()
-        del peer
-        Peer.release()
+            memory[name] = runs[name].memory
+    phase_of.update(interleave("dllm", {k: r.timed for k, r in runs.items()}))
     med = {k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v))
            for k, v in times.items()}
     flops = model_lib.flops_per_token(cfg, seq) * batch * seq
     rows = []
-    for name in list(runs) + list(peer_peaks):
-        wall, cpu = med[name]
+    for name in list(runs) + list(f"torch {a}" for a in args.peer):
+        (wall, cpu), (c_wall, c_cpu) = med[name], med[f"ceiling {phase_of[name]}"]
         row = {"preset": preset, "run": name, "params": model_lib.param_count(cfg), "batch": batch,
                "seq_len": seq, "dtype": dtype, "step_s": wall, "tokens_per_s": batch * seq / wall,
-               "mfu": flops / wall / (ceiling.flops / med["ceiling"][0]),
-               "ceiling_flops": ceiling.flops / med["ceiling"][0]}
+               "mfu": flops / wall / (ceiling.flops / c_wall),
+               "ceiling_flops": ceiling.flops / c_wall,
+               "memory": memory[name], "device_peak_bytes": peaks[name]}
         if not accelerator:
-            row.update(step_cpu_s=cpu, mfu_cpu=flops / cpu / (ceiling.flops / med["ceiling"][1]))
-        if name in runs:
-            row.update(memory=runs[name].memory, device_peak_bytes=peaks[name])
-        else:
-            row.update(memory=None, device_peak_bytes=peer_peaks[name])
+            row.update(step_cpu_s=cpu, mfu_cpu=flops / cpu / (ceiling.flops / c_cpu))
         rows.append(row)
     return rows
 
