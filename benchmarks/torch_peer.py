@@ -34,7 +34,10 @@ class Peer:
             raise ValueError(f"peer attention {attention!r}; allowed: mask, nomask")
         torch.manual_seed(seed)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = transformers.Qwen2ForCausalLM(qwen2_config(cfg)).to(self.device)
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with torch.device(self.device):   # initialised where it runs (1.5B on a CPU is slow)
+            self.model = transformers.Qwen2ForCausalLM(qwen2_config(cfg))
         if attention == "nomask":
             for module in self.model.modules():
                 if hasattr(module, "is_causal"):
@@ -76,5 +79,11 @@ class Peer:
         return time.perf_counter() - wall, time.process_time() - cpu
 
     def peak_bytes(self) -> int | None:
-        """Peak GPU memory allocated so far (None on CPU)."""
+        """Peak GPU memory allocated since this peer was made (None on CPU)."""
         return torch.cuda.max_memory_allocated() if self.device == "cuda" else None
+
+    @staticmethod
+    def release() -> None:
+        """Returns a deleted peer's cached GPU memory to the device."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -2,6 +2,7 @@
 backend is present.
 
     python benchmarks/train_step.py [--presets tiny,100m] [--remat none,dots]
+                                    [--param_dtype float32,bfloat16]
                                     [--peer mask,nomask] [--steps 5] [--json OUT]
 
 Defaults: on CPU the tiny (32 x 128) and 100m (4 x 512) presets in float32; on a GPU /
@@ -11,16 +12,18 @@ on the pretraining ELBO, AdamW, state donated, one-device mesh; attention path
 `model.attention=auto`); the peer is benchmarks/torch_peer.py (transformers Qwen2
 of the same shape, full attention mask or none, same loss, AdamW).
 
-Every call is timed in turn: ceiling, each dllm row's step, each peer's step, then
+Every call is timed in turn: ceiling, each dllm row's step, the peer's step, then
 again, `steps` times after a warm-up; medians are reported, so load on a shared
-machine falls on all alike. The ceiling is a jitted matmul on random operands in
+machine falls on all alike. Peers run one at a time beside the dllm rows (each
+freed before the next), so a device holds the dllm rows and one peer at once. The ceiling is a jitted matmul on random operands in
 the step's dtype (2048^2 on CPU, 8192^2 on an accelerator). MFU = model FLOPs per
 token (`model.flops_per_token`: 3 x forward, full bidirectional attention) x
 tokens/s / ceiling. On CPU the same ratio from process CPU time is given too
 (`mfu_cpu`: what other processes' load cannot inflate). Memory: XLA's plan of the
 compiled step (arguments + outputs - donated + temporaries) and the device's peak
-where the backend reports one (JAX's peak so far in this process; the peer's
-torch.cuda.max_memory_allocated).
+where the backend reports one (JAX's peak so far in this process, read after each
+dllm row is built: the first row's is its own, a later row's includes the rows
+before it; each peer's torch.cuda.max_memory_allocated since it was made).
 """
 import argparse
 import datetime
@@ -93,12 +96,14 @@ def compiled_step(config, n_devices: int, batch: int, seq: int):
 
 
 class DllmStep:
-    """The jitted train step of a preset (bidirectional, `dtype`, `remat`) with its
-    state and a random batch; `timed()` runs one step."""
+    """The jitted train step of a preset (bidirectional, compute `dtype`, `remat`,
+    parameters in `param_dtype`; Adam state float32) with its state and a random
+    batch; `timed()` runs one step."""
 
-    def __init__(self, preset: str, batch: int, seq: int, dtype: str, remat: str):
+    def __init__(self, preset: str, batch: int, seq: int, dtype: str, remat: str,
+                 param_dtype: str = "float32"):
         config = config_lib.base_config(preset)
-        config.model.update(causal=False, dtype=dtype, remat=remat)
+        config.model.update(causal=False, dtype=dtype, remat=remat, param_dtype=param_dtype)
         self.cfg = model_lib.config_from_dict(config.model)
         self.step, self.state, self.data = compiled_step(config, 1, batch, seq)
         mem = self.step.memory_analysis()
@@ -122,27 +127,38 @@ def bench_preset(preset: str, args, accelerator: bool) -> list[dict]:
     batch, seq = args.batch or SHAPES[preset][0], args.seq or SHAPES[preset][1]
     dtype = "bfloat16" if accelerator else "float32"
     ceiling = metrics.MatmulTimer(dtype, 8192 if accelerator else 2048)
-    runs = {f"dllm remat={r}": DllmStep(preset, batch, seq, dtype, r) for r in args.remat}
+    runs, peaks = {}, {}
+    for p in args.param_dtype:
+        for r in args.remat:
+            name = f"dllm remat={r}" + ("" if p == "float32" else f" params={p}")
+            runs[name] = DllmStep(preset, batch, seq, dtype, r, p)
+            peaks[name] = device_peak_bytes()  # the first row's own; later rows' add theirs
     cfg = next(iter(runs.values())).cfg
-    peak = device_peak_bytes()
-    peers = {}
-    if args.peer:
-        from benchmarks.torch_peer import Peer
-        peers = {f"torch {a}": Peer(cfg, batch, seq, a) for a in args.peer}
-        for p in peers.values():
-            p.step()  # warm-up
-    calls = {"ceiling": ceiling, **{k: r.timed for k, r in runs.items()},
-             **{k: p.timed_step for k, p in peers.items()}}
+    calls = {"ceiling": ceiling, **{k: r.timed for k, r in runs.items()}}
     times = {k: [] for k in calls}
-    for _ in range(args.steps):
-        for k, fn in calls.items():
-            for _ in range(5 if k == "ceiling" else 1):  # short: more samples of the load
-                times[k].append(fn())
+    peer_peaks = {}
+
+    def interleave(calls):
+        for _ in range(args.steps):
+            for k, fn in calls.items():
+                for _ in range(5 if k == "ceiling" else 1):  # short: more samples of the load
+                    times.setdefault(k, []).append(fn())
+
+    if not args.peer:
+        interleave(calls)
+    for attention in args.peer:   # one peer on the device at a time, beside the dllm rows
+        from benchmarks.torch_peer import Peer
+        peer = Peer(cfg, batch, seq, attention)
+        peer.step()  # warm-up
+        interleave({**calls, f"torch {attention}": peer.timed_step})
+        peer_peaks[f"torch {attention}"] = peer.peak_bytes()
+        del peer
+        Peer.release()
     med = {k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v))
            for k, v in times.items()}
     flops = model_lib.flops_per_token(cfg, seq) * batch * seq
     rows = []
-    for name in list(runs) + list(peers):
+    for name in list(runs) + list(peer_peaks):
         wall, cpu = med[name]
         row = {"preset": preset, "run": name, "params": model_lib.param_count(cfg), "batch": batch,
                "seq_len": seq, "dtype": dtype, "step_s": wall, "tokens_per_s": batch * seq / wall,
@@ -151,9 +167,9 @@ def bench_preset(preset: str, args, accelerator: bool) -> list[dict]:
         if not accelerator:
             row.update(step_cpu_s=cpu, mfu_cpu=flops / cpu / (ceiling.flops / med["ceiling"][1]))
         if name in runs:
-            row.update(memory=runs[name].memory, device_peak_bytes=peak)
+            row.update(memory=runs[name].memory, device_peak_bytes=peaks[name])
         else:
-            row.update(memory=None, device_peak_bytes=peers[name].peak_bytes())
+            row.update(memory=None, device_peak_bytes=peer_peaks[name])
         rows.append(row)
     return rows
 
@@ -178,11 +194,14 @@ def main():
     parser.add_argument("--batch", type=int, default=0, help="override the preset's batch")
     parser.add_argument("--seq", type=int, default=0, help="override the preset's length")
     parser.add_argument("--remat", default="none", help="dllm rows: remat policies")
+    parser.add_argument("--param_dtype", default="float32",
+                        help="dllm rows: parameter dtypes, float32 and / or bfloat16")
     parser.add_argument("--peer", default="mask", help="torch peer rows: mask,nomask or ''")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     args.remat = args.remat.split(",")
+    args.param_dtype = args.param_dtype.split(",")
     args.peer = [p for p in args.peer.split(",") if p]
 
     rows = [r for p in args.presets.split(",") for r in bench_preset(p, args, accelerator)]

@@ -125,6 +125,14 @@ def loss_masks(batch, rng: Array, cfg: ElboConfig):
     return valid, valid & left_valid & ~clean
 
 
+def attention_valid(batch, valid: Array, cfg: ElboConfig) -> Array | None:
+    """What the model gets as `valid`: None when no token of the batch can be
+    invalid (no truncation, no `valid` key, no padding left out), so attention
+    paths that run faster unmasked (cuDNN) know it statically; else `valid`."""
+    padded = "pad_mask" in batch and not cfg.train_on_pad
+    return valid if cfg.truncate_prob > 0 or "valid" in batch or padded else None
+
+
 def lookahead_at(rng: Array, step, seq_len: int, cfg: ElboConfig):
     """Attention-mask annealing from causal to full over `anneal_steps` (Stage 1 from
     an AR checkpoint); the model's `lookahead` at training step `step` (0-based).
@@ -150,7 +158,7 @@ def elbo_loss(params, batch, rng: Array, *, apply_fn, cfg: ElboConfig, mask_id: 
     valid, noisable = loss_masks(batch, r_aug, cfg)
     t = schedules.sample_times(r_t, tokens.shape[0], cfg.time_eps, cfg.antithetic)
     noisy, masked = corrupt(r_mask, tokens, t, noisable, schedule.alpha, mask_id)
-    nll, predicted = apply_fn(params, noisy, valid,
+    nll, predicted = apply_fn(params, noisy, attention_valid(batch, valid, cfg),
                               lookahead_at(r_attn, step, tokens.shape[1], cfg), targets=tokens)
 
     n_masked = jnp.maximum(masked.sum(), 1)

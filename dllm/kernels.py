@@ -6,8 +6,11 @@ Attention (`attention`, chosen by `model.attention`):
           layer at a time and are not kept for the backward pass, which recomputes
           them from q, k and the log-sum-exp (one more q k^T matmul).
   cudnn   cuDNN flash attention (NVIDIA GPUs, bfloat16 / float16): nothing of size
-          W x K is kept; the mask enters as an additive bias. Self-attention calls
-          only (W = K); the sampler's window calls against a KV cache take xla.
+          W x K is kept. A call whose every query sees every key (no padding, no
+          causal / lookahead band: a pretraining batch) runs cuDNN's unmasked
+          kernel; any other mask enters as an additive bias, whose gradient cuDNN
+          also computes (slower). Self-attention calls only (W = K); the sampler's
+          window calls against a KV cache take xla.
   pallas  the Pallas splash-attention kernel (TPU): padding as segment ids, a static
           causal / lookahead band as a block-sparse mask. Calls it cannot take run
           the xla path: lengths that are not multiples of 128 (decoding windows) and
@@ -186,12 +189,15 @@ class Mask:
     bool (padding, as segment ids) and, static (not traced through jit / scan / remat),
     lookahead: None = every key, or an int: query i sees keys j <= i + lookahead (a
     block-sparse mask); static_band False when the lookahead is traced or an array
-    of allowed pairs (then pallas takes the xla path)."""
+    of allowed pairs (then pallas takes the xla path); dense (static) True when
+    every query is known to see every key (no padding, no band): cudnn then needs
+    no mask at all."""
     full: Array
     q_valid: Array
     k_valid: Array
     lookahead: int | None = struct.field(pytree_node=False, default=None)
     static_band: bool = struct.field(pytree_node=False, default=True)
+    dense: bool = struct.field(pytree_node=False, default=False)
 
 
 def resolve(impl: str, dtype) -> str:
@@ -214,7 +220,8 @@ def attention(q: Array, k: Array, v: Array, mask: Mask, impl: str) -> Array:
             raise ValueError(f"model.attention='cudnn' needs model.dtype bfloat16 (or float16), "
                              f"got {q.dtype}")
         if q.shape[1] == k.shape[1]:
-            return jax.nn.dot_product_attention(q, k, v, mask=mask.full, implementation="cudnn")
+            return jax.nn.dot_product_attention(q, k, v, mask=None if mask.dense else mask.full,
+                                                implementation="cudnn")
     if (impl == "pallas" and mask.static_band and q.shape[1] % _PALLAS_TILE == 0
             and k.shape[1] % _PALLAS_TILE == 0):
         return _splash_sharded(q, k, v, mask)

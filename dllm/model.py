@@ -287,14 +287,15 @@ def attention_mask(valid: Array, lookahead, key_valid: Array | None = None) -> A
     return mask & jnp.expand_dims(allowed, -3)
 
 
-def attention_masks(cfg: ModelConfig, valid: Array, lookahead, key_valid: Array | None = None
-                    ) -> kernels.Mask:
+def attention_masks(cfg: ModelConfig, valid: Array, lookahead, key_valid: Array | None = None,
+                    all_valid: bool = False) -> kernels.Mask:
     """The mask of one call in the forms `cfg.attention`'s path takes (see
-    attention_mask; key_valid: the canvas's in a window call)."""
+    attention_mask; key_valid: the canvas's in a window call; all_valid: the caller
+    knows statically that every token is valid)."""
     full = attention_mask(valid, lookahead, key_valid)
     key_valid = valid if key_valid is None else key_valid
     if lookahead is None:
-        return kernels.Mask(full, valid, key_valid)
+        return kernels.Mask(full, valid, key_valid, dense=all_valid)
     if isinstance(lookahead, (int, np.integer)):  # static: a block-sparse mask for pallas
         return kernels.Mask(full, valid, key_valid, lookahead=int(lookahead))
     return kernels.Mask(full, valid, key_valid, static_band=False)
@@ -396,11 +397,12 @@ class Transformer(nn.Module):
         if isinstance(lookahead, str):
             lookahead = 0 if cfg.causal else None
         if cache is None:
-            if valid is None:
+            all_valid = valid is None
+            if all_valid:
                 valid = jnp.ones(tokens.shape, bool)
             if positions is None:
                 positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-            mask = attention_masks(cfg, valid, lookahead)
+            mask = attention_masks(cfg, valid, lookahead, all_valid=all_valid)
         else:
             if lookahead is not None:
                 raise ValueError("a window call with a KV cache is bidirectional only")

@@ -51,10 +51,22 @@ def decayed(params):
     return jax.tree_util.tree_map_with_path(by_name, params)
 
 
+def float32_state(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` on float32 copies of the gradients and parameters: its state (Adam's
+    moments) and updates are float32 whatever the parameters' dtype, so bfloat16
+    parameters (model.param_dtype) keep float32 optimizer state; the update is cast
+    to the parameter's dtype when applied (optax.apply_updates). A no-op for float32."""
+    f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+    return optax.GradientTransformation(
+        lambda params: tx.init(f32(params)),
+        lambda grads, state, params=None: tx.update(
+            f32(grads), state, None if params is None else f32(params)))
+
+
 def make_optimizer(train_cfg):
     """AdamW (no decay on biases and norm scales) with linear warmup and cosine decay
-    to `min_lr_ratio` x peak, after global-norm gradient clipping. Returns
-    (tx, lr_schedule)."""
+    to `min_lr_ratio` x peak, after global-norm gradient clipping; float32 state
+    whatever the parameters' dtype (float32_state). Returns (tx, lr_schedule)."""
     lr = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=train_cfg.lr, warmup_steps=train_cfg.warmup_steps,
         decay_steps=max(train_cfg.steps, train_cfg.warmup_steps + 1),
@@ -63,7 +75,7 @@ def make_optimizer(train_cfg):
         optax.clip_by_global_norm(train_cfg.grad_clip),
         optax.adamw(lr, b1=train_cfg.b1, b2=train_cfg.b2, weight_decay=train_cfg.weight_decay,
                     mask=decayed))
-    return tx, lr
+    return float32_state(tx), lr
 
 
 def _init_fn(model: nn.Module, tx, init_extra=None):

@@ -139,6 +139,20 @@ def test_a_valid_key_removes_positions_from_attention_and_the_loss():
     np.testing.assert_array_equal(noisable, [[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
 
 
+def test_the_model_is_told_every_token_is_valid_only_when_none_can_be_invalid():
+    """valid=None (cuDNN's unmasked kernel) exactly when no truncation, no valid key
+    and no excluded padding can make a token invalid."""
+    tokens, v = jnp.zeros((2, 6), jnp.int32), jnp.ones((2, 6), bool)
+    pads = {"tokens": tokens, "pad_mask": jnp.zeros((2, 6), bool)}
+    cfg = elbo.ElboConfig()
+    assert elbo.attention_valid({"tokens": tokens}, v, cfg) is None
+    assert elbo.attention_valid(pads, v, dataclasses.replace(cfg, train_on_pad=True)) is None
+    assert elbo.attention_valid(pads, v, dataclasses.replace(cfg, train_on_pad=False)) is v
+    assert elbo.attention_valid({"tokens": tokens, "valid": v}, v, cfg) is v
+    assert elbo.attention_valid({"tokens": tokens}, v,
+                                dataclasses.replace(cfg, truncate_prob=0.01)) is v
+
+
 @pytest.mark.parametrize("train_on_pad", [True, False])
 def test_sequence_and_token_normalisation_match_numpy(train_on_pad):
     """Four SFT rows with prompts of 2-9 tokens and 0-10 pads: at t ~ 1 (all noisable
@@ -181,7 +195,7 @@ def test_sft_never_masks_the_prompt_and_pads_follow_the_option():
                        mask_id=MASK)
         noisy, valid, _ = rec.inputs[-1]
         np.testing.assert_array_equal(noisy[:, :8], x["tokens"][:, :8])
-        assert bool(valid.all())          # DiffuCoder: pads are attended and trained on
+        assert valid is None              # DiffuCoder: pads are attended and trained on
     assert bool((noisy[:, 20:] == MASK).any())
     flexible = elbo.ElboConfig(train_on_pad=False)
     for seed in range(10):
@@ -209,12 +223,12 @@ def test_stage1_truncation_and_prefix():
         noisy = np.asarray(rec.inputs[-1][0])
         first_masked = (noisy == MASK).any(0).argmax()
         prefixes.add(int(first_masked))
-        assert bool(rec.inputs[-1][1].all())
+        assert rec.inputs[-1][1] is None  # a clean prefix leaves every token valid
     assert len(prefixes) > 1    # a random prefix length, not a fixed one
     # Probability 0: no augmentation.
     elbo.elbo_loss(table, batch(), jax.random.key(0), apply_fn=rec.scored, cfg=elbo.ElboConfig(),
                    mask_id=MASK)
-    assert bool(rec.inputs[-1][1].all())
+    assert rec.inputs[-1][1] is None
 
 
 def test_band_annealing_goes_from_causal_to_full():

@@ -156,12 +156,24 @@ def test_pallas_falls_back_to_xla_off_its_tile():
 
 
 @pytest.mark.gpu
-def test_cudnn_matches_xla_in_bfloat16():
+@pytest.mark.parametrize("padded", [False, True])
+def test_cudnn_matches_xla_in_bfloat16(padded):
+    """Forward and gradients, with left padding (the mask as a bias) and without
+    (Mask.dense: cuDNN's unmasked kernel)."""
     if jax.default_backend() != "gpu":
         pytest.skip("needs an NVIDIA GPU")
-    q, k, v = (a.astype(jnp.bfloat16) for a in qkv())
     mask, valid = masks()
-    out = K.attention(q, k, v, mask, "cudnn").astype(jnp.float32)
-    ref = K.attention(q, k, v, mask, "xla").astype(jnp.float32)
-    np.testing.assert_allclose(out * valid[:, :, None, None], ref * valid[:, :, None, None],
-                               atol=2e-2)
+    if not padded:
+        valid = jnp.ones_like(valid)
+        mask = K.Mask(jnp.ones_like(mask.full), valid, valid, dense=True)
+    f32 = qkv()                                   # the reference: the xla path in float32
+    bf16 = [a.astype(jnp.bfloat16) for a in f32]
+    w = normal(3, (B, S, H, D)) * valid[:, :, None, None]
+    loss = lambda impl: lambda q, k, v: jnp.sum(w * K.attention(q, k, v, mask, impl))
+    out = K.attention(*bf16, mask, "cudnn").astype(jnp.float32)
+    np.testing.assert_allclose(out * valid[:, :, None, None],
+                               K.attention(*f32, mask, "xla") * valid[:, :, None, None], atol=2e-2)
+    grads = jax.grad(loss("cudnn"), argnums=(0, 1, 2))(*bf16)
+    ref_grads = jax.grad(loss("xla"), argnums=(0, 1, 2))(*f32)
+    for a, b in zip(grads, ref_grads):
+        np.testing.assert_allclose(a.astype(jnp.float32), b, rtol=5e-2, atol=5e-2)

@@ -240,3 +240,29 @@ def test_pallas_attention_path_in_the_model_matches_xla(params):
     annealed = jax.jit(lambda p, la: apply(p, x, pallas, valid=valid, lookahead=la))
     np.testing.assert_allclose(annealed(params, 7), apply(params, x, valid=valid, lookahead=7),
                                atol=1e-5)
+
+
+def test_a_mask_is_dense_only_when_the_caller_passes_no_valid():
+    """Mask.dense (cuDNN's unmasked kernel) holds for a call without `valid` and
+    without a causal / lookahead band; any padding or band keeps the mask."""
+    x = jnp.ones((2, 4), bool)
+    assert M.attention_masks(CFG, x, None, all_valid=True).dense
+    assert not M.attention_masks(CFG, x, None).dense
+    assert not M.attention_masks(CFG, x, 0, all_valid=True).dense
+
+
+@pytest.mark.gpu
+def test_cudnn_path_in_the_model_matches_xla_with_and_without_padding(params):
+    """On an NVIDIA GPU in bfloat16: the cudnn model's logits equal the xla path's,
+    unpadded (the unmasked kernel) and left-padded (the bias)."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs an NVIDIA GPU")
+    x = tokens(s=128)
+    bf16 = dataclasses.replace(CFG, dtype="bfloat16")
+    cudnn = dataclasses.replace(bf16, attention="cudnn")
+    np.testing.assert_allclose(apply(params, x, cudnn), apply(params, x, bf16), atol=5e-2)
+    valid = jnp.arange(128)[None] >= jnp.array([[0], [29]])
+    out = apply(params, x, cudnn, valid=valid)
+    ref = apply(params, x, bf16, valid=valid)
+    np.testing.assert_allclose(jnp.where(valid[..., None], out, 0),
+                               jnp.where(valid[..., None], ref, 0), atol=5e-2)

@@ -52,6 +52,31 @@ def test_optimizer_decays_kernels_and_embeddings_but_not_biases_and_norm_scales(
     assert {path[-1] for path in new} == {"bias", "scale", "kernel", "embedding"}
 
 
+def test_bfloat16_params_keep_float32_adam_state_and_float32_updates():
+    """bfloat16 params: Adam's moments are float32, and a step's result is the float32
+    step from the same (upcast) values, rounded once to bfloat16."""
+    rng = np.random.default_rng(1)
+    params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(8, 4)), jnp.bfloat16),
+                        "bias": jnp.asarray(rng.normal(size=(4,)), jnp.bfloat16)}}
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.bfloat16), params)
+    cfg = optimizer_config(steps=10, lr=0.1, warmup_steps=0, weight_decay=0.5)
+    tx, _ = train.make_optimizer(cfg)
+    state = tx.init(params)
+    moments = [x for x in jax.tree.leaves(state) if getattr(x, "ndim", 0) > 0]
+    assert moments and {x.dtype for x in moments} == {jnp.dtype(jnp.float32)}
+    updates, _ = tx.update(grads, state, params)
+    new = optax.apply_updates(params, updates)
+    f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
+    plain = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                        optax.adamw(0.1, b1=cfg.b1, b2=cfg.b2, weight_decay=0.5,
+                                    mask=train.decayed))
+    want = optax.apply_updates(f32(params), plain.update(f32(grads), plain.init(f32(params)),
+                                                         f32(params))[0])
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(want)):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(a, b.astype(jnp.bfloat16))
+
+
 def test_tiny_mdm_learns_a_known_entropy():
     """i.i.d. tokens from a fixed categorical p: the NELBO per token of a trained
     model must reach H(p) (the ELBO is tight for independent tokens, and any error
