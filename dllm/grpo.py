@@ -380,8 +380,7 @@ class Rollouts(BatchSource):
         completion = tokens[:, self.width:]
         texts = sampling.completion_texts(self.tok, completion, 0, sampling.stop_ids(self.tok))
         mine = _block(len(rows))
-        scored = rewards.compute_rewards(texts[mine], [self.tasks[i].tests for i in rows[mine]],
-                                         self.reward_cfg, self.workers)
+        scored = self.score(texts[mine], rows[mine])
         parts = {k: _gather(getattr(scored, k)) for k in ("total", "format", "execution")}
         passed = _gather(np.array([r is not None and r.passed for r in scored.results]))
         t = self._time("scoring_s", t)
@@ -395,6 +394,12 @@ class Rollouts(BatchSource):
         self.position += len(picks)
         self.count += 1
         return batch
+
+    def score(self, texts: list[str], task_rows: np.ndarray) -> rewards.Rewards:
+        """The rewards of completions `texts` of the tasks self.tasks[task_rows] (this
+        process's rows): executed against the tasks' tests in the sandbox."""
+        return rewards.compute_rewards(texts, [self.tasks[i].tests for i in task_rows],
+                                       self.reward_cfg, self.workers)
 
     def _old_and_ref_logps(self, state, batch: dict) -> None:
         """Adds old_logp / ref_logp [mu, B, N] (each iteration's masks) when the loss
