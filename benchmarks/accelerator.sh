@@ -7,7 +7,8 @@
 #
 #   bash benchmarks/accelerator.sh [OUT_DIR [PART ...]]
 #       OUT_DIR: default $OUT, else runs/accelerator
-#       PART: train_step decode sampler_parts grpo_split gpu_tests (default: all)
+#       PART: train_step decode sampler_parts decode_profile grpo_split gpu_tests
+#             (default: all)
 #
 # Writes OUT_DIR/PART.json and OUT_DIR/PART.log. Where dllm's needs are missing
 # (grain, ml-collections, ...), wheels in .whl/ are installed first (see the
@@ -15,7 +16,7 @@
 set -u
 out=${1:-${OUT:-runs/accelerator}}
 shift $(( $# > 0 ? 1 : 0 ))
-parts=${*:-train_step decode sampler_parts grpo_split gpu_tests}
+parts=${*:-train_step decode sampler_parts decode_profile grpo_split gpu_tests}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -37,6 +38,11 @@ run_part train_step 170 python3 benchmarks/train_step.py --param_dtype float32,b
 run_part decode 160 python3 benchmarks/decode.py --modes one_per_step,threshold_cache \
   --json "$out/decode.json"
 run_part sampler_parts 60 python3 benchmarks/sampler_parts.py --json "$out/sampler_parts.json"
+# A jax.profiler trace of 32 one-per-step steps at batch 8 (tarred: $OUT returns files
+# at most two folders down); open it in TensorBoard's profile plugin or Perfetto.
+run_part decode_profile 90 bash -c "python3 benchmarks/decode.py --batch 8 --new_tokens 32 \
+  --modes one_per_step --reps 1 --profile /tmp/decode_profile \
+  && tar czf '$out/decode_profile.tar.gz' -C /tmp decode_profile"
 run_part grpo_split 150 python3 benchmarks/grpo_estimators.py --split_only \
   --json "$out/grpo_split.json"
 run_part gpu_tests 50 env JAX_PLATFORMS=cuda XLA_FLAGS= python3 -m pytest -q \

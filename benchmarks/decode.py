@@ -5,6 +5,7 @@ overhead over the bare forward passes, and memory.
     python benchmarks/decode.py [--presets tiny,100m] [--batch 4] [--workdir RUN]
                                 [--alg entropy --temperature 0.2 --top_p 0.95]
                                 [--modes one_per_step,threshold_cache] [--json OUT]
+                                [--profile DIR]
 
 On CPU the presets run in float32; on a GPU / TPU the default is the
 qwen2.5-coder-1.5b shape made bidirectional, in bfloat16 weights, at batches 1 and 8,
@@ -126,6 +127,10 @@ def bench(name, args, batch: int, workdir=None) -> dict:
                                 valid=valid)
         calls[mode] = (run, (params, prompts, jax.random.key(0)), 1)
     times, outs, plans = interleaved_times(calls, args.reps)
+    if args.profile:   # one more one-per-step generate, traced (TensorBoard / Perfetto)
+        fn, fn_args, _ = calls["one_per_step"]
+        with jax.profiler.trace(os.path.join(args.profile, f"{os.path.basename(name)}_b{b}")):
+            jax.block_until_ready(fn(*fn_args))
     stats = jax.devices()[0].memory_stats() or {}
     row = {"model": name, "batch": b, "new_tokens": n, "block_length": args.block,
            "forward_s": times["forward"][0], "forward_cpu_s": times["forward"][1],
@@ -180,6 +185,8 @@ def main():
     parser.add_argument("--modes", default=",".join(MODES),
                         help=f"decoding modes to time, one_per_step first; of {MODES}")
     parser.add_argument("--json", default=None, help="write the figures here")
+    parser.add_argument("--profile", default=None,
+                        help="also write a jax.profiler trace of one one-per-step generate here")
     args = parser.parse_args()
     args.modes = args.modes.split(",")
     if args.modes[0] != "one_per_step" or not set(args.modes) <= set(MODES):

@@ -6,13 +6,14 @@
 
 Logits [B, W, V] (W = a 256-token block + the position left of it, V = the
 qwen2.5-coder vocabulary by default) in bfloat16, random. Each part is jitted
-alone and timed as the median of 20 calls after a warm-up: the softmax, the
-top-256 prefilter of top-p, the whole top-p filter, the per-position Gumbel draws
+alone and timed as the median of 20 calls after a warm-up: the softmax, top_k
+at k = 16 and 64 (smaller prefilters) and 256 (the nucleus prefilter of top-p), the whole top-p filter, the per-position Gumbel draws
 over the vocabulary, the entropy confidence, and `propose` whole (its parts
 overlap: XLA fuses some of them inside propose).
 """
 import argparse
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -43,8 +44,9 @@ def parts(cfg: sampling.SampleConfig, mask_id: int) -> dict:
     keys = lambda x, key: sampling.position_keys(key, x.shape[:2])
     return {
         "softmax f32": lambda x, key: jax.nn.softmax(tempered(x), -1),
-        "top_k 256 of probs": lambda x, key: jax.lax.top_k(
-            jax.nn.softmax(tempered(x), -1), sampling.NUCLEUS_CANDIDATES),
+        **{f"top_k {k} of probs": functools.partial(
+            lambda x, key, k: jax.lax.top_k(jax.nn.softmax(tempered(x), -1), k), k=k)
+           for k in (16, 64, sampling.NUCLEUS_CANDIDATES)},
         "top-p filter": lambda x, key: sampling._top_p(tempered(x), cfg.top_p),
         "position keys": keys,
         "gumbel draws [B, W, V]": lambda x, key: sampling._draw(
