@@ -10,18 +10,20 @@ step it must keep up with; the reader's memory.
    and at the 7B recipes' context (4 x 4096); the best of `--repeats` timed runs of
    `--batches` batches after one warm-up batch, and the resident memory the reader added.
 3. The real jitted train step of the 100m preset at that shape (train_step.py's
-   bench_preset), on this machine's default device.
+   DllmStep, float32, no remat; median of `--step_repeats` steps), on this machine's
+   default device.
 Margin = reader tokens/s / train-step tokens/s (the target is >= 10).
 """
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 
 from dllm import data, prepare
 from dllm import tokenizer as tokenizer_lib
-from train_step import SHAPES, bench_preset, device_name
+from train_step import SHAPES, DllmStep, device_name
 
 
 def rss_bytes() -> int:
@@ -76,7 +78,10 @@ def main():
         readers = [bench_reader(path, tok, p, batch, s, args.batches * seq_len // s,
                                 args.repeats)
                    for s in (seq_len, 4096) for p in ("windows", "documents")]
-    step = bench_preset("100m", args.step_repeats, ceiling=1.0)
+    run = DllmStep("100m", batch, seq_len, "float32", "none")
+    step_s = statistics.median(run.timed()[0] for _ in range(args.step_repeats))
+    step = {"batch": batch, "seq_len": seq_len, "step_s": step_s,
+            "tokens_per_s": batch * seq_len / step_s}
     device = device_name()
     print(f"device: {device}")
     print(f"preparation: {prep['documents']} stdlib files, {prep['tokens'] / 1e6:.1f}M tokens "

@@ -111,7 +111,6 @@ class DllmStep:
     def __init__(self, preset: str, batch: int, seq: int, dtype: str, remat: str,
                  param_dtype: str = "float32"):
         config = preset_config(preset, dtype, remat, param_dtype)
-        self.cfg = model_lib.config_from_dict(config.model)
         self.step, self.state, self.data = compiled_step(config, 1, batch, seq)
         mem = self.step.memory_analysis()
         self.memory = {k: getattr(mem, f"{k}_size_in_bytes", None)
