@@ -10,20 +10,19 @@ step it must keep up with; the reader's memory.
    and at the 7B recipes' context (4 x 4096); the best of `--repeats` timed runs of
    `--batches` batches after one warm-up batch, and the resident memory the reader added.
 3. The real jitted train step of the 100m preset at that shape (train_step.py's
-   DllmStep, float32, no remat; median of `--step_repeats` steps), on this machine's
-   default device.
+   compiled_step, float32, no remat; time_steps: the median of `--step_repeats`
+   steps after a warm-up), on this machine's default device.
 Margin = reader tokens/s / train-step tokens/s (the target is >= 10).
 """
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
 
 from dllm import data, prepare
 from dllm import tokenizer as tokenizer_lib
-from train_step import SHAPES, DllmStep, device_name
+from train_step import SHAPES, compiled_step, device_name, preset_config, time_steps
 
 
 def rss_bytes() -> int:
@@ -78,8 +77,9 @@ def main():
         readers = [bench_reader(path, tok, p, batch, s, args.batches * seq_len // s,
                                 args.repeats)
                    for s in (seq_len, 4096) for p in ("windows", "documents")]
-    run = DllmStep("100m", batch, seq_len, "float32", "none")
-    step_s = statistics.median(run.timed()[0] for _ in range(args.step_repeats))
+    step_fn, state, tokens = compiled_step(preset_config("100m", "float32", "none"), 1,
+                                           batch, seq_len)
+    step_s, _ = time_steps(step_fn, state, tokens, args.step_repeats)
     step = {"batch": batch, "seq_len": seq_len, "step_s": step_s,
             "tokens_per_s": batch * seq_len / step_s}
     device = device_name()

@@ -12,14 +12,14 @@ on the pretraining ELBO, AdamW, state donated, one-device mesh; attention path
 `model.attention=auto`); the peer is benchmarks/torch_peer.py (transformers Qwen2
 of the same shape, full attention mask or none, same loss, AdamW).
 
-Each phase times its calls in turn with the ceiling, `steps` times after a
-warm-up, and reports medians; a row's MFU is against its own phase's ceiling, so
-a shared machine's load falls on both alike. Phases: each torch peer alone (freed
-before the next), then the dllm rows (a 1.5B dllm state and a peer do not fit
-one device together once JAX's allocator has grown). The ceiling is a jitted matmul on random operands in
-the step's dtype (2048^2 on CPU, 8192^2 on an accelerator). MFU = model FLOPs per
-token (`model.flops_per_token`: 3 x forward, full bidirectional attention) x
-tokens/s / ceiling. On CPU the same ratio from process CPU time is given too
+Each phase times its calls in turn with the ceiling, `steps` times after a warm-up,
+and reports medians; a row's MFU is against its own phase's ceiling, so a shared
+machine's load falls on both alike. Phases: each torch peer alone (freed before the
+next), then the dllm rows (a 1.5B dllm state and a peer do not fit one device
+together once JAX's allocator has grown). The ceiling is a jitted matmul on random
+operands in the step's dtype (2048^2 on CPU, 8192^2 on an accelerator). MFU = model
+FLOPs per token (`model.flops_per_token`: 3 x forward, full bidirectional attention)
+x tokens/s / ceiling. On CPU the same ratio from process CPU time is given too
 (`mfu_cpu`: what other processes' load cannot inflate). Memory: XLA's plan of the
 compiled step (arguments + outputs - donated + temporaries) and the device's peak
 where the backend reports one (JAX's peak so far in this process, read after each
