@@ -13,7 +13,7 @@
                     last message is the assistant's response, for supervised fine-tuning
                     with the chat template;
                   "tasks": the (question, reference solution) pairs of the task suite
-                    named by `path` (dllm.tasks.load_tasks, e.g. "synthetic:train"),
+                    named by `path` (dllm.tasks.load_tasks, e.g. "synthetic:sft"),
                     as "sft" pairs;
                   "prepared": arrays written by `python -m dllm.prepare` (tokenized once,
                     read lazily from a local path or gs://): `path` (one prepared

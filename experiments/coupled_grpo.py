@@ -2,9 +2,9 @@
 from executing the completions against the task's tests, a clipped-ratio policy loss
 on diffusion log-probability estimates (see dllm/grpo.py).
 
-  tiny            the synthetic task families (dllm.tasks: "synthetic:train", held out
-                  "synthetic:heldout") on a tiny model warmed up by
-                  experiments/sft.py:tasks_tiny; without --config.init.checkpoint the
+  tiny            the synthetic task families (dllm.tasks: RL on "synthetic:rl", held
+                  out "synthetic:heldout") on a tiny model warmed up on "synthetic:sft"
+                  by experiments/sft.py:tasks_tiny (three disjoint sets of constants); without --config.init.checkpoint the
                   warm-up runs first (in WORKDIR/warmup), so one command goes end to end.
   decoupled_tiny  tiny with independent masks at the same number of forward passes
   full_mask_tiny  tiny with the completion fully masked (one pass)
@@ -30,7 +30,7 @@ def tiny_config(estimator: str):
     c.model.vocab_size = 512
     c.init.warmup = "experiments/sft.py:tasks_tiny"
     c.grpo = grpo.default_config()
-    c.grpo.update(estimator=estimator, generations=8, tasks="synthetic:train",
+    c.grpo.update(estimator=estimator, generations=8, tasks="synthetic:rl",
                   eval_tasks="synthetic:heldout", eval_temperature=0.0, max_prompt_len=128,
                   timeout=2.0)
     # 4 prompts x 8 completions per step.

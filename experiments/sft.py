@@ -5,8 +5,8 @@ as in DiffuCoder; `--config.loss.train_on_pad=False` is the "flexible padding" v
 
   tiny        ~200 synthetic Python instructions (experiments/data/sft_tiny.jsonl), from
               scratch or from a Stage-1/2 run with --config.init.checkpoint=RUN_DIR.
-  tasks_tiny  the training split of the synthetic task families (dllm.tasks,
-              "synthetic:train") in DiffuCoder's RL prompt format: the warm-up that
+  tasks_tiny  the instruction-tuning split of the synthetic task families (dllm.tasks,
+              "synthetic:sft") in DiffuCoder's RL prompt format: the warm-up that
               experiments/coupled_grpo.py:tiny starts from.
   7b    the paper's recipe: 436K instruction pairs, length 2048, 5 epochs, LR 1e-5,
         warmup ratio 0.1, cosine to 10% (global batch 256, an assumption: 8.4k steps of
@@ -36,8 +36,8 @@ def get_config(arg: str = ""):
         # Rows in the layout of coupled_grpo.py:tiny's rollouts (prompts left-padded to
         # 128 tokens, 32 completion tokens): a tiny model does not carry what it learns
         # at one canvas length over to another.
-        c.data.update(source="tasks", path="synthetic:train", seq_len=160, sft_response_len=32,
-                      vocab_size=512, eval_fraction=0.03)  # 32 of the 1070 training tasks
+        c.data.update(source="tasks", path="synthetic:sft", seq_len=160, sft_response_len=32,
+                      vocab_size=512, eval_fraction=0.045)  # 35 of the 772 sft tasks
         # Held-out pass@1 (greedy): 0.55 after these 3000 steps (14 min on 2 idle cores),
         # 0.13 after a 2000-step schedule (benchmarks/RESULTS.md).
         c.train.update(steps=3000, batch_size=32, lr=3e-3, b2=0.98, warmup_steps=50,

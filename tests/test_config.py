@@ -33,7 +33,7 @@ def test_the_base_config_and_every_experiment_variant_validate():
             config = module.get_config(variant)
             config.init.checkpoint = ""     # midtrain's tiny names a run made by pretrain
             if name == "coupled_grpo" and variant == "7b":
-                config.grpo.tasks = "synthetic:train"   # the recipe's is the user's jsonl
+                config.grpo.tasks = "synthetic:rl"   # the recipe's is the user's jsonl
             config.data.path = config.data.path if config.data.source != "sft" else \
                 f"{ROOT}/{config.data.path}"
             config_lib.validate(config)

@@ -280,7 +280,7 @@ def grpo_runs(tmp_path_factory):
     from dllm import tasks
     root = str(tmp_path_factory.mktemp("grpo_runs"))
     firsts = {}
-    for task in tasks.synthetic_tasks("train"):
+    for task in tasks.synthetic_tasks("sft"):
         firsts.setdefault(task.entry_point, task)
     chosen = [firsts[name] for name in ("add", "minus", "times", "mod")]
     suite, pairs = os.path.join(root, "suite.jsonl"), os.path.join(root, "pairs.jsonl")

@@ -102,8 +102,14 @@ def test_a_task_without_tests_is_refused(tmp_path, tests):
 # ---- synthetic families ----
 
 @pytest.fixture(scope="module")
-def suites():
-    return tasks_lib.synthetic_tasks("train"), tasks_lib.synthetic_tasks("heldout")
+def splits():
+    return {split: tasks_lib.synthetic_tasks(split) for split in tasks_lib.SPLITS}
+
+
+@pytest.fixture(scope="module")
+def suites(splits):
+    """(instruction-tuning tasks, held-out tasks)."""
+    return splits["sft"], splits["heldout"]
 
 
 def run_locally(solution: str, tests) -> bool:
@@ -118,16 +124,18 @@ def run_locally(solution: str, tests) -> bool:
     return True
 
 
-def test_split_is_disjoint_deterministic_and_covers_every_family(suites):
-    train, held = suites
-    assert len(train) > 2 * len(held) > 0
-    assert not {t.task_id for t in train} & {t.task_id for t in held}
-    assert len({t.task_id for t in train + held}) == len(train) + len(held)
+def test_splits_are_disjoint_deterministic_and_cover_every_family(splits):
+    sft, rl, held = splits["sft"], splits["rl"], splits["heldout"]
+    assert len(sft) > 2 * len(rl) > 2 * len(held) > 0
+    ids = [t.task_id for t in sft + rl + held]
+    assert len(set(ids)) == len(ids)                                     # disjoint
+    # Together they are every family's every constant.
+    assert len(ids) == sum(len(f.params) for f in tasks_lib.FAMILIES)
     for family in tasks_lib.FAMILIES:
-        assert any(t.entry_point == family.name for t in held), family.name
-        assert any(t.entry_point == family.name for t in train), family.name
+        for split, suite in splits.items():
+            assert any(t.entry_point == family.name for t in suite), (family.name, split)
     assert {f.category for f in tasks_lib.FAMILIES} == {"arithmetic", "strings", "lists"}
-    assert tasks_lib.synthetic_tasks("train") == train                    # same seed, same tasks
+    assert tasks_lib.synthetic_tasks("rl") == rl                          # same seed, same tasks
     other = tasks_lib.synthetic_tasks("heldout", seed=1)
     assert {t.task_id for t in other} != {t.task_id for t in held}
     assert tasks_lib.load_tasks("synthetic:heldout") == held
@@ -135,9 +143,8 @@ def test_split_is_disjoint_deterministic_and_covers_every_family(suites):
         tasks_lib.synthetic_tasks("test")
 
 
-def test_reference_solutions_pass_and_neighbours_fail(suites):
-    train, held = suites
-    by_id = {t.task_id: t for t in train + held}
+def test_reference_solutions_pass_and_neighbours_fail(splits):
+    by_id = {t.task_id: t for suite in splits.values() for t in suite}
     for family in tasks_lib.FAMILIES:
         for k, k_next in zip(family.params, family.params[1:]):
             task = by_id[f"synthetic/{family.name}_{k}"]
@@ -181,7 +188,7 @@ def test_sft_pairs_and_the_tasks_data_source(suites):
     assert pairs[0] == ((system, {"role": "user", "content": tasks_lib.question(train[0])}),
                         f"{FENCE}python\n{train[0].solution}{FENCE}")
     cfg = ml_collections.ConfigDict(dict(data.default_config(), source="tasks",
-                                         path="synthetic:train"))
+                                         path="synthetic:sft"))
     assert data.load_pairs(cfg) == pairs
     with pytest.raises(ValueError, match="reference solution"):
         tasks_lib.sft_pairs([tasks_lib.Task("x", "q", "f", ("assert True",))])
