@@ -29,7 +29,7 @@ import time
 import jax
 import numpy as np
 
-from dllm import grpo, model as model_lib, rewards, sharding, train
+from dllm import grpo, model as model_lib, rewards, sharding, tasks, train
 from dllm.config import base_config
 from dllm.stage import StageContext
 
@@ -101,9 +101,10 @@ def run_bandit(variant: str = "coupled", steps: int = 40, lr: float = 1e-3,
     ctx = StageContext(config=c, workdir=tempfile.mkdtemp(), model=model,
                        tokenizer=BanditTokenizer(), mesh=mesh, rules=rules,
                        apply_fn=model_lib.model_apply(model))
-    stage = grpo.make_stage(ctx)
-    # One task (its prompt encodes to the bandit's prompt; its tests are never run).
-    batches = BanditRollouts(ctx, grpo.grpo_config_from_dict(c.grpo), stage.batches.tasks[:1])
+    # One task (its prompt encodes to the bandit's prompt; its test is never run).
+    task = tasks.Task("bandit", "bandit", "f", ("assert False",))
+    batches = BanditRollouts(ctx, grpo.grpo_config_from_dict(c.grpo), [task])
+    stage = grpo.make_stage(ctx, batches)
     tx, _ = train.make_optimizer(c.train)
     state, shardings = train.init_state(model, tx, seed, mesh, rules, stage.init_extra)
     mu = c.grpo.iterations

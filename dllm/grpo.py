@@ -528,12 +528,14 @@ def validate_config(c) -> None:
                          "the context the model is trained at")
 
 
-def make_stage(ctx: StageContext) -> Stage:
-    """coupled-GRPO on `config.grpo.tasks`; held-out evaluation on `config.grpo.eval_tasks`
+def make_stage(ctx: StageContext, batches: Rollouts | None = None) -> Stage:
+    """coupled-GRPO on `config.grpo.tasks` (or on the given `batches`, e.g. a Rollouts
+    subclass with its own scoring); held-out evaluation on `config.grpo.eval_tasks`
     (pass@1 and mean reward); the reference policy in the extra state."""
     c = ctx.config
     cfg = grpo_config_from_dict(c.grpo)
-    batches = Rollouts(ctx, cfg, tasks_lib.load_tasks(c.grpo.tasks))
+    if batches is None:
+        batches = Rollouts(ctx, cfg, tasks_lib.load_tasks(c.grpo.tasks))
     loss_fn = functools.partial(grpo_loss, apply_fn=ctx.apply_fn, cfg=cfg,
                                 mask_id=ctx.tokenizer.mask_id)
     evaluate = None

@@ -317,6 +317,14 @@ def synthetic_tasks(split: str, seed: int = 0, heldout_fraction: float = 0.1,
     tasks and tests."""
     if split not in SPLITS:
         raise ValueError(f"synthetic split {split!r}; allowed: {SPLITS}")
+    return list(_synthetic_tasks(split, seed, heldout_fraction, rl_fraction))
+
+
+@functools.lru_cache(maxsize=None)
+def _synthetic_tasks(split: str, seed: int, heldout_fraction: float,
+                     rl_fraction: float) -> tuple[Task, ...]:
+    # Cached: a run names its suites in several places (config checks, the warm-up's
+    # data, the stage), and building them takes ~0.5 s.
     out = []
     for f_index, family in enumerate(FAMILIES):
         order = np.random.default_rng([seed, f_index]).permutation(len(family.params))
@@ -327,4 +335,4 @@ def synthetic_tasks(split: str, seed: int = 0, heldout_fraction: float = 0.1,
         for i in sorted(chosen):
             rng = np.random.default_rng([seed, f_index, int(i)])
             out.append(family_task(family, family.params[i], rng))
-    return out
+    return tuple(out)
