@@ -83,7 +83,7 @@ def bandit_config(variant: str, steps: int, lr: float, temperature: float, top_p
     c.model.update(vocab_size=BanditTokenizer.vocab_size, hidden=32, layers=2, heads=2,
                    kv_heads=1, head_dim=16, mlp=64)
     c.grpo = grpo.default_config()
-    c.grpo.update(generations=8, tasks="synthetic:rl", max_prompt_len=4, **VARIANTS[variant])
+    c.grpo.update(generations=8, max_prompt_len=4, **VARIANTS[variant])
     c.train.update(steps=steps, batch_size=32, lr=lr, warmup_steps=0, min_lr_ratio=1.0,
                    weight_decay=0.0, grad_clip=1.0, eval_every=0)
     c.sample.update(max_new_tokens=N, steps=N, block_length=N, alg="entropy",

@@ -7,9 +7,10 @@
 Logits [B, W, V] (W = a 256-token block + the position left of it, V = the
 qwen2.5-coder vocabulary by default) in bfloat16, random. Each part is jitted
 alone and timed as the median of 20 calls after a warm-up: the softmax, top_k
-at k = 16 and 64 (smaller prefilters) and 256 (the nucleus prefilter of top-p), the whole top-p filter, the per-position Gumbel draws
-over the vocabulary, the entropy confidence, and `propose` whole (its parts
-overlap: XLA fuses some of them inside propose).
+at k = 16 and 64 (smaller prefilters) and 256 (the nucleus prefilter of top-p),
+the whole top-p filter, the per-position Gumbel draws over the vocabulary, the
+entropy confidence, and `propose` whole (its parts overlap: XLA fuses some of them
+inside propose).
 """
 import argparse
 import datetime
