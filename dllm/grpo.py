@@ -551,7 +551,8 @@ def make_stage(ctx: StageContext, batches: Rollouts | None = None) -> Stage:
 def held_out(batches: Rollouts, tasks: list, state) -> dict:
     """eval_pass_at_1 (dllm.evaluate, grpo.eval_samples completions per task) and
     eval_reward (the training reward) on held-out tasks, decoded with config.sample at
-    grpo.eval_temperature, with the same random numbers at every evaluation."""
+    grpo.eval_temperature, with the same random numbers at every evaluation; on
+    synthetic tasks also eval_pass_at_1/FAMILY."""
     c = batches.ctx.config
     t = time.perf_counter()
     cfg = dataclasses.replace(batches.sample_cfg, temperature=c.grpo.eval_temperature)
@@ -577,4 +578,13 @@ def held_out(batches: Rollouts, tasks: list, state) -> dict:
                                      [by_id[s["task_id"]].tests for s in report["samples"]],
                                      batches.reward_cfg, batches.workers)
     batches.exclude_from_update("eval_s", t)
-    return {"eval_pass_at_1": report["pass_at_k"]["1"], "eval_reward": float(scored.total.mean())}
+    out = {"eval_pass_at_1": report["pass_at_k"]["1"], "eval_reward": float(scored.total.mean())}
+    # Synthetic suites: pass@1 per family too (entry point = family), to see where a
+    # run gains or loses.
+    by_family: dict[str, list[float]] = {}
+    for task_id, result in report["tasks"].items():
+        if task_id.startswith(tasks_lib.SYNTHETIC + "/"):
+            by_family.setdefault(by_id[task_id].entry_point, []).append(
+                result["pass_at_k"]["1"])
+    out.update({f"eval_pass_at_1/{name}": float(np.mean(v)) for name, v in by_family.items()})
+    return out

@@ -355,6 +355,21 @@ def test_a_short_run_from_a_warmed_up_model_raises_its_mean_reward(reference_run
 
 
 @pytest.mark.slow
+def test_held_out_evaluation_logs_pass_at_1_per_family(reference_run):
+    """The suite's tasks are synthetic (one per family): each evaluation logs pass@1
+    per family, and their mean is the overall pass@1."""
+    import subprocess_runs as runs
+    evals = [r for r in runs.metric_rows(reference_run) if "eval_pass_at_1" in r]
+    assert len(evals) == 2
+    for row in evals:
+        per_family = {k: v for k, v in row.items() if k.startswith("eval_pass_at_1/")}
+        assert sorted(per_family) == [f"eval_pass_at_1/{name}"
+                                      for name in ("add", "minus", "mod", "times")]
+        assert all(0.0 <= v <= 1.0 for v in per_family.values())
+        assert np.mean(list(per_family.values())) == pytest.approx(row["eval_pass_at_1"])
+
+
+@pytest.mark.slow
 def test_coupled_variance_is_below_decoupled_at_equal_passes_on_a_trained_model(grpo_runs):
     """Per-sequence log-likelihood of reference solutions under 48 mask draws."""
     import subprocess_runs as runs
