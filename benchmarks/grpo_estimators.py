@@ -1,7 +1,7 @@
 """coupled-GRPO log-probability estimators: variance and cost, and the time split of
 coupled-GRPO iterations.
 
-    python benchmarks/grpo_estimators.py --workdir=RUN [--draws 64] [--json OUT]
+    python benchmarks/grpo_estimators.py --workdir=RUN [--draws 64] [--gradient_batches 3] [--json OUT]
     python benchmarks/grpo_estimators.py --split_only --shape=qwen2.5-coder-1.5b [--json OUT]
 
 1. Variance (needs --workdir, a run trained on the synthetic tasks, e.g. the warm-up
@@ -12,7 +12,14 @@ coupled-GRPO iterations.
    estimate and the time of one estimate of the batch. Estimators are compared at equal
    passes: coupled vs decoupled with the fully masked pass (3 passes, the released
    code) and without (2 passes, the paper's text); full_mask and d1 use 1 pass.
-2. Time split: a short coupled-GRPO run (train_and_evaluate, in a temporary directory)
+2. Gradient noise (needs --workdir): rollouts of --gradient_batches batches of 16 RL
+   tasks x G = 8, decoded as experiments/coupled_grpo.py:tiny's rollouts and scored;
+   the GRPO loss gradient (mu = 1, no KL) under --gradient_draws mask seeds. Reported
+   per estimator: the share of one draw's squared norm that is mask noise, the cosine
+   between a draw and the batch's mean gradient, the cosine between the mean gradients
+   of different batches (rollout noise), and the cosine with the instruction-tuning
+   gradient of the same prompts' reference solutions (the direction that transfers).
+3. Time split: a short coupled-GRPO run (train_and_evaluate, in a temporary directory)
    and its rollout / scoring / old+ref log-prob / update seconds per optimizer step,
    from the steps after the first rollout (which compiles). With --workdir it starts
    from that run; otherwise from random weights of --shape (G = 10; nothing a random
@@ -32,7 +39,7 @@ import jax
 import numpy as np
 
 from dllm import config as config_lib
-from dllm import grpo, model as model_lib, runs, sampling, tasks, train
+from dllm import grpo, model as model_lib, rewards, runs, sampling, tasks, train
 
 
 def device_name() -> str:
@@ -44,10 +51,9 @@ def device_name() -> str:
     return f"{names[0] if names else platform.processor()}, {os.cpu_count()} cores, cpu"
 
 
-def solution_batch(run, n_tasks: int, width: int, n: int) -> dict:
-    """Prompts + reference solutions (then <|im_end|>, pads) of held-out tasks."""
+def solution_batch(run, chosen: list, width: int, n: int) -> dict:
+    """Prompts + reference solutions (then <|im_end|>, pads) of tasks `chosen`."""
     tok = run.tokenizer
-    chosen = tasks.synthetic_tasks("heldout")[::3][:n_tasks]
     prompts = [tok.encode(p) for p in grpo.prompts(chosen, "diffucoder", tok)]
     answers = [tok.encode(r) + [tok.im_end_id] for _, r in tasks.sft_pairs(chosen)]
     prompt_tokens, prompt_valid = sampling.left_pad(prompts, width, tok.pad_id)
@@ -67,7 +73,7 @@ def variance_table(workdir: str, draws: int, n_tasks: int) -> list[dict]:
     config = run.config
     width = config.grpo.max_prompt_len if "grpo" in config else 128
     n = config.sample.max_new_tokens if "grpo" in config else 32
-    batch = solution_batch(run, n_tasks, width, n)
+    batch = solution_batch(run, tasks.synthetic_tasks("heldout")[::3][:n_tasks], width, n)
     rows = []
     for estimator, full_pass in ESTIMATORS:
         cfg = grpo.GrpoConfig(estimator=estimator, full_pass=full_pass)
@@ -83,6 +89,60 @@ def variance_table(workdir: str, draws: int, n_tasks: int) -> list[dict]:
                      "mean_estimate": float(estimates.mean()),
                      "ms_per_estimate": 1e3 * per_estimate, "sequences": len(batch["row"]),
                      "draws": draws})
+    return rows
+
+
+def gradient_table(workdir: str, n_batches: int, draws: int, prompts: int = 16) -> list[dict]:
+    run = runs.load_run(workdir)
+    tok, c = run.tokenizer, config_lib.load_experiment("experiments/coupled_grpo.py:tiny")
+    g, width, n = c.grpo.generations, c.grpo.max_prompt_len, c.sample.max_new_tokens
+    suite = tasks.synthetic_tasks("rl")
+    sample_cfg = sampling.sample_config_from_dict(c.sample)
+    rollouts = []                 # (GRPO batch, instruction-tuning batch), shared by estimators
+    for i in range(n_batches):
+        chosen = [suite[j] for j in np.random.default_rng(i).choice(len(suite), prompts, False)]
+        ids = [tok.encode(p) for p in grpo.prompts(chosen, "diffucoder", tok) for _ in range(g)]
+        prompt_tokens, prompt_valid = sampling.left_pad(ids, width, tok.pad_id)
+        out = sampling.generate(run.params, prompt_tokens, jax.random.PRNGKey(i), sample_cfg,
+                                apply_fn=run.apply_fn, mask_id=tok.mask_id, pad_id=tok.pad_id,
+                                eos_id=tok.eos_id, valid=prompt_valid)
+        texts = sampling.completion_texts(tok, np.asarray(out.tokens), width,
+                                          sampling.stop_ids(tok))
+        scored = rewards.compute_rewards(texts, [t.tests for t in chosen for _ in range(g)],
+                                         grpo.reward_config(c.grpo))
+        batch = grpo.completion_batch(np.asarray(out.tokens), prompt_valid, tok.im_end_id)
+        batch["advantages"] = grpo.group_advantages(scored.total, g).astype(np.float32)
+        sft = solution_batch(run, chosen, width, n)
+        sft["advantages"] = np.ones(prompts, np.float32)
+        rollouts.append((batch, sft))
+    flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(tree)])
+    cos = lambda a, b: float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    rows = []
+    for estimator, full_pass in ESTIMATORS[:2] + ESTIMATORS[4:]:
+        cfg = grpo.GrpoConfig(estimator=estimator, full_pass=full_pass, iterations=1, beta=0.0)
+        grad = jax.jit(jax.grad(lambda p, b, cfg=cfg: grpo.grpo_loss(
+            p, b, None, 0, apply_fn=run.apply_fn, cfg=cfg, mask_id=tok.mask_id)[0]))
+        draws_of = lambda b: np.stack([flat(grad(run.params, {
+            **b, "mask_seed": np.full(len(b["row"]), seed, np.int32)})).astype(np.float64)
+            for seed in range(draws)])
+        noise, to_mean, to_sft, means, sft_means = [], [], [], [], []
+        for batch, sft in rollouts:
+            gs = draws_of(batch)
+            mean = gs.mean(0)
+            noise.append(((gs - mean) ** 2).sum(1).mean() / (gs ** 2).sum(1).mean())
+            to_mean.append(np.mean([cos(x, mean) for x in gs]))
+            sft_means.append(draws_of(sft).mean(0))
+            to_sft.append(cos(mean, sft_means[-1]))
+            means.append(mean)
+        between = lambda m: float(np.mean([cos(m[i], m[j]) for i in range(len(m))
+                                           for j in range(i + 1, len(m))]))
+        rows.append({"estimator": estimator, "full_pass": full_pass, "passes": cfg.passes,
+                     "mask_noise_share": float(np.mean(noise)),
+                     "cos_draw_to_mean": float(np.mean(to_mean)),
+                     "cos_between_batches": between(means),
+                     "cos_between_batches_instruction_tuning": between(sft_means),
+                     "cos_to_instruction_tuning": [round(x, 3) for x in to_sft],
+                     "batches": n_batches, "draws": draws, "rows": prompts * g})
     return rows
 
 
@@ -146,6 +206,8 @@ def main():
     parser.add_argument("--workdir", default=None, help="trained tiny run (synthetic tasks)")
     parser.add_argument("--draws", type=int, default=64)
     parser.add_argument("--tasks", type=int, default=16)
+    parser.add_argument("--gradient_batches", type=int, default=3, help="0 = skip part 2")
+    parser.add_argument("--gradient_draws", type=int, default=4)
     parser.add_argument("--shape", default="qwen2.5-coder-1.5b")
     parser.add_argument("--split_steps", type=int, default=6)
     parser.add_argument("--prompts", type=int, default=2)
@@ -168,6 +230,20 @@ def main():
             ratio = by[("coupled", full)] / by[("decoupled", full)]
             out[f"coupled_over_decoupled_variance_full_pass_{full}"] = ratio
             print(f"coupled / decoupled variance (full pass {full}): {ratio:.3f}")
+    if args.workdir and not args.split_only and args.gradient_batches:
+        out["gradients"] = gradient_table(args.workdir, args.gradient_batches,
+                                          args.gradient_draws)
+        print(f"GRPO loss gradients (mu = 1, no KL) of {args.gradient_batches} rollout batches "
+              f"x {args.gradient_draws} mask draws")
+        print("| estimator | full pass | passes | mask-noise share of a draw | cos(draw, batch "
+              "mean) | cos between batches (instruction tuning's) | cos to instruction tuning, "
+              "per batch |")
+        print("|---|---|---|---|---|---|---|")
+        for r in out["gradients"]:
+            print(f"| {r['estimator']} | {r['full_pass']} | {r['passes']} | "
+                  f"{r['mask_noise_share']:.3f} | {r['cos_draw_to_mean']:.3f} | "
+                  f"{r['cos_between_batches']:+.3f} ({r['cos_between_batches_instruction_tuning']:+.3f}) "
+                  f"| {r['cos_to_instruction_tuning']} |")
     split = time_split(args.workdir if args.workdir else None, args.shape, args.split_steps,
                        args.prompts)
     out["time_split"] = split
