@@ -1,7 +1,8 @@
 """coupled-GRPO log-probability estimators: variance and cost, and the time split of
 coupled-GRPO iterations.
 
-    python benchmarks/grpo_estimators.py --workdir=RUN [--draws 64] [--gradient_batches 3] [--json OUT]
+    python benchmarks/grpo_estimators.py --workdir=RUN [--draws 64] [--gradient_batches 3]
+        [--json OUT]
     python benchmarks/grpo_estimators.py --split_only --shape=qwen2.5-coder-1.5b [--json OUT]
 
 1. Variance (needs --workdir, a run trained on the synthetic tasks, e.g. the warm-up
@@ -17,8 +18,9 @@ coupled-GRPO iterations.
    the GRPO loss gradient (mu = 1, no KL) under --gradient_draws mask seeds. Reported
    per estimator: the share of one draw's squared norm that is mask noise, the cosine
    between a draw and the batch's mean gradient, the cosine between the mean gradients
-   of different batches (rollout noise), and the cosine with the instruction-tuning
-   gradient of the same prompts' reference solutions (the direction that transfers).
+   of different batches (how much a step depends on the draw), and the cosine with the
+   instruction-tuning gradient of the same prompts' reference solutions (the direction
+   that transfers).
 3. Time split: a short coupled-GRPO run (train_and_evaluate, in a temporary directory)
    and its rollout / scoring / old+ref log-prob / update seconds per optimizer step,
    from the steps after the first rollout (which compiles). With --workdir it starts
@@ -242,7 +244,8 @@ def main():
         for r in out["gradients"]:
             print(f"| {r['estimator']} | {r['full_pass']} | {r['passes']} | "
                   f"{r['mask_noise_share']:.3f} | {r['cos_draw_to_mean']:.3f} | "
-                  f"{r['cos_between_batches']:+.3f} ({r['cos_between_batches_instruction_tuning']:+.3f}) "
+                  f"{r['cos_between_batches']:+.3f} "
+                  f"({r['cos_between_batches_instruction_tuning']:+.3f}) "
                   f"| {r['cos_to_instruction_tuning']} |")
     split = time_split(args.workdir if args.workdir else None, args.shape, args.split_steps,
                        args.prompts)
