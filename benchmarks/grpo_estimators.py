@@ -39,6 +39,7 @@ import time
 
 import jax
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from dllm import config as config_lib
 from dllm import grpo, model as model_lib, rewards, runs, sampling, tasks, train
@@ -103,21 +104,20 @@ def gradient_table(workdir: str, n_batches: int, draws: int, prompts: int = 16) 
     rollouts = []                 # (GRPO batch, instruction-tuning batch), shared by estimators
     for i in range(n_batches):
         chosen = [suite[j] for j in np.random.default_rng(i).choice(len(suite), prompts, False)]
-        ids = [tok.encode(p) for p in grpo.prompts(chosen, "diffucoder", tok) for _ in range(g)]
-        prompt_tokens, prompt_valid = sampling.left_pad(ids, width, tok.pad_id)
-        out = sampling.generate(run.params, prompt_tokens, jax.random.PRNGKey(i), sample_cfg,
-                                apply_fn=run.apply_fn, mask_id=tok.mask_id, pad_id=tok.pad_id,
-                                eos_id=tok.eos_id, valid=prompt_valid)
-        texts = sampling.completion_texts(tok, np.asarray(out.tokens), width,
-                                          sampling.stop_ids(tok))
-        scored = rewards.compute_rewards(texts, [t.tests for t in chosen for _ in range(g)],
+        # The rollouts' layout: prompts left-truncated and padded to exactly `width`.
+        out = sampling.generate_text(
+            run.params, [p for p in grpo.prompts(chosen, "diffucoder", tok) for _ in range(g)],
+            jax.random.PRNGKey(i), sample_cfg, apply_fn=run.apply_fn, tokenizer=tok,
+            multiple=width, max_len=width + n, truncate_prompts=True)
+        scored = rewards.compute_rewards(out.texts, [t.tests for t in chosen for _ in range(g)],
                                          grpo.reward_config(c.grpo))
-        batch = grpo.completion_batch(np.asarray(out.tokens), prompt_valid, tok.im_end_id)
+        batch = grpo.completion_batch(np.asarray(out.decoded.tokens), out.prompt_valid,
+                                      tok.im_end_id)
         batch["advantages"] = grpo.group_advantages(scored.total, g).astype(np.float32)
         sft = solution_batch(run, chosen, width, n)
         sft["advantages"] = np.ones(prompts, np.float32)
         rollouts.append((batch, sft))
-    flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(tree)])
+    flat = lambda tree: np.asarray(ravel_pytree(tree)[0])
     cos = lambda a, b: float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
     rows = []
     for estimator, full_pass in ESTIMATORS[:2] + ESTIMATORS[4:]:
