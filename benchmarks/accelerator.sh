@@ -38,9 +38,10 @@ run_part train_step 170 python3 benchmarks/train_step.py --param_dtype float32,b
 run_part decode 160 python3 benchmarks/decode.py --modes one_per_step,threshold_cache \
   --json "$out/decode.json"
 run_part sampler_parts 60 python3 benchmarks/sampler_parts.py --json "$out/sampler_parts.json"
-# A jax.profiler trace of 32 one-per-step steps at batch 8 (tarred: $OUT returns files
-# at most two folders down); open it in TensorBoard's profile plugin or Perfetto.
-run_part decode_profile 90 bash -c "python3 benchmarks/decode.py --batch 8 --new_tokens 32 \
+# A jax.profiler trace of one one-per-step generate at batch 8 (the decode case above),
+# its busiest ops printed to the log; the trace is tarred ($OUT returns files at most two
+# folders down): open it in TensorBoard's profile plugin or Perfetto.
+run_part decode_profile 240 bash -c "python3 benchmarks/decode.py --batch 8 \
   --modes one_per_step --reps 1 --profile /tmp/decode_profile \
   && tar czf '$out/decode_profile.tar.gz' -C /tmp decode_profile"
 run_part grpo_split 150 python3 benchmarks/grpo_estimators.py --split_only \

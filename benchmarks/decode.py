@@ -129,8 +129,10 @@ def bench(name, args, batch: int, workdir=None) -> dict:
     times, outs, plans = interleaved_times(calls, args.reps)
     if args.profile:   # one more one-per-step generate, traced (TensorBoard / Perfetto)
         fn, fn_args, _ = calls["one_per_step"]
-        with jax.profiler.trace(os.path.join(args.profile, f"{os.path.basename(name)}_b{b}")):
+        trace_dir = os.path.join(args.profile, f"{os.path.basename(name)}_b{b}")
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             jax.block_until_ready(fn(*fn_args))
+        print_top_ops(trace_dir)
     stats = jax.devices()[0].memory_stats() or {}
     row = {"model": name, "batch": b, "new_tokens": n, "block_length": args.block,
            "forward_s": times["forward"][0], "forward_cpu_s": times["forward"][1],
@@ -161,6 +163,42 @@ def bench(name, args, batch: int, workdir=None) -> dict:
         row["cache_agreement"] = float(jnp.mean(outs["threshold_cache"].tokens[:, gen]
                                                 == outs["threshold"].tokens[:, gen]))
     return row
+
+
+def print_top_ops(trace_dir: str, top: int = 15):
+    """Prints, for each thread of each device lane of the perfetto trace under trace_dir
+    (on a GPU: a stream's kernels, XLA's ops, XLA's modules), the names that took the most
+    time in all (summed over calls), with their share of that thread's busy time: where a
+    traced generate's time goes, without TensorBoard."""
+    import collections
+    import glob
+    import gzip
+    paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not paths:
+        print(f"  no perfetto_trace.json.gz under {trace_dir}")
+        return
+    with gzip.open(paths[0]) as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {(e["name"], e["pid"], e.get("tid")): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")}
+    busy = collections.defaultdict(collections.Counter)
+    calls = collections.Counter()
+    for e in events:
+        lane = names.get(("process_name", e.get("pid"), None), "")
+        if e.get("ph") == "X" and "dur" in e and "/device:" in lane:
+            thread = f"{lane} {names.get(('thread_name', e['pid'], e.get('tid')), e.get('tid'))}"
+            busy[thread][e["name"]] += e["dur"]
+            calls[thread, e["name"]] += 1
+    if not busy:
+        print(f"  {paths[0]}: no device lanes (a CPU run traces the host only)")
+    for thread, ops in busy.items():
+        total = sum(ops.values())
+        print(f"  {thread}: {total / 1e3:.1f} ms busy in {sum(calls[thread, k] for k in ops)} "
+              "events")
+        for op, us in ops.most_common(top):
+            print(f"    {us / 1e3:9.2f} ms {100 * us / total:5.1f}% {calls[thread, op]:6d}x  "
+                  f"{op[:100]}")
 
 
 def main():

@@ -137,31 +137,44 @@ def history(out: Decoded, mask_id: int) -> Array:
 
 # ----------------------------------------------------------------------------- proposals
 
-NUCLEUS_CANDIDATES = 256  # top-p looks for the nucleus among this many tokens first
+def _nucleus_cutoff(probs: Array, top_p: float) -> Array:
+    """[..., 1] the smallest kept probability of probs [..., V]: the least value v
+    among them whose mass above, sum(p > v), is <= top_p.
+
+    Found by search on float32 bit patterns (nonnegative floats order as their bits):
+    each round cuts the bracket in four with three masked sums over the vocabulary,
+    which XLA fuses into one read (~15 rounds). No sort: XLA:GPU's top_k and sort are
+    radix sorts of the whole vocabulary, slower than the model's forward at the 152k
+    vocabulary (benchmarks/RESULTS.md, the decode profile)."""
+    probs = probs.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
+
+    def quarter(_, bounds):  # mass_above(lo) > top_p >= mass_above(hi)
+        lo, hi = bounds
+        q, r = jnp.divmod(hi - lo, 4)
+        cuts = [lo + i * q + jnp.minimum(i, r) for i in (1, 2, 3)]
+        for cut in cuts:
+            ok = jnp.sum(jnp.where(bits > cut[..., None], probs, 0.0), -1) <= top_p
+            lo = jnp.where(ok, lo, jnp.maximum(lo, cut))
+            hi = jnp.where(ok, jnp.minimum(hi, cut), hi)
+        return lo, hi
+
+    one = int(np.float32(1.0).view(np.int32))  # no probability lies above it
+    lo = jnp.full(probs.shape[:-1], -1, jnp.int32)  # above -1: all the mass, > top_p
+    rounds = -(-(one + 1).bit_length() // 2)
+    _, hi = jax.lax.fori_loop(0, rounds, quarter, (lo, jnp.full(probs.shape[:-1], one, jnp.int32)))
+    return jax.lax.bitcast_convert_type(hi, jnp.float32)[..., None]
 
 
-def _nucleus_cutoff(desc: Array, top_p: float) -> Array:
-    """[..., 1] smallest kept probability, from probabilities sorted descending (a
-    prefix of them suffices when it holds the nucleus): a token stays if the mass
-    before it is <= top_p."""
-    kept = jnp.cumsum(desc, axis=-1) - desc <= top_p
-    return jnp.min(jnp.where(kept, desc, jnp.inf), axis=-1, keepdims=True)
-
-
-def _top_p(z: Array, top_p: float, candidates: int = NUCLEUS_CANDIDATES) -> Array:
+def _top_p(z: Array, top_p: float) -> Array:
     """Keep the smallest set of tokens whose probability mass reaches top_p (Dream's
-    rule: a token stays if the mass before it is <= top_p); ties at the cut stay.
-    The nucleus is found among the top `candidates` tokens (top_k, no sort of the
-    vocabulary) when their mass exceeds top_p in every row, as the token after them
-    then starts past top_p; otherwise the whole vocabulary is sorted. Same output."""
+    rule: a token stays if the mass before it, in descending order, is <= top_p);
+    ties at the cut stay. The same set as sorting gives, up to float rounding of a
+    mass within ~1e-7 of top_p."""
     if top_p >= 1.0:
         return z
     probs = jax.nn.softmax(z, axis=-1)
-    top = jax.lax.top_k(probs, min(candidates, probs.shape[-1]))[0]
-    fits = jnp.all(jnp.sum(top, -1) > top_p)
-    cutoff = jax.lax.cond(fits, lambda: _nucleus_cutoff(top, top_p),
-                          lambda: _nucleus_cutoff(jnp.sort(probs, axis=-1)[..., ::-1], top_p))
-    return jnp.where(probs >= cutoff, z, -jnp.inf)
+    return jnp.where(probs >= _nucleus_cutoff(probs, top_p), z, -jnp.inf)
 
 
 def _top_k(z: Array, top_k: int) -> Array:

@@ -187,20 +187,26 @@ def test_top_p_and_top_k_keep_the_tokens_numpy_keeps():
     np.testing.assert_array_equal(np.sort(np.flatnonzero(got[0])), np.sort(np.argsort(-z[0])[:5]))
 
 
-def test_top_p_finds_the_nucleus_among_candidates_or_sorts_everything():
-    """Rows from flat to peaked: with few candidates (the nucleus does not fit: the
-    full sort) and with enough, the kept tokens are NumPy's in every row."""
+def test_top_p_keeps_numpys_nucleus_from_flat_to_peaked_rows_and_ties_at_the_cut():
+    """Rows from flat (nucleus of most of the vocabulary) to peaked (one token), and
+    rows of tied tokens: the kept tokens are NumPy's (sort, mass before <= top_p, ties
+    at the cut stay) in every row."""
     z = np.asarray(jax.random.normal(jax.random.key(8), (64, VOCAB)))
     z = z * np.linspace(0.1, 12.0, 64)[:, None]
+    ties = np.full((3, VOCAB), -30.0)
+    ties[0, :4] = 1.0                  # four equal tokens: the cut falls inside them
+    ties[1, :2], ties[1, 2:6] = 2.0, 1.0
+    ties[2] = 0.0                      # uniform
+    z = np.concatenate([z, ties]).astype(np.float32)
     p = np.exp(z - z.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     desc = -np.sort(-p, -1)
     cutoff = np.where(np.cumsum(desc, -1) - desc <= 0.9, desc, np.inf).min(-1, keepdims=True)
     want = p >= cutoff
-    for candidates in (2, 16, VOCAB):
-        got = np.isfinite(np.asarray(S._top_p(jnp.asarray(z, jnp.float32), 0.9, candidates)))
-        np.testing.assert_array_equal(got, want)
-    assert want.sum(-1).max() > 16 and want.sum(-1).min() <= 2  # both branches taken
+    got = np.isfinite(np.asarray(S._top_p(jnp.asarray(z), 0.9)))
+    np.testing.assert_array_equal(got, want)
+    assert want[:64].sum(-1).max() > VOCAB // 2 and want[:64].sum(-1).min() == 1
+    np.testing.assert_array_equal(got[64:].sum(-1), [4, 6, VOCAB])
 
 
 def test_tokens_are_sampled_from_the_tempered_filtered_distribution():
