@@ -20,9 +20,12 @@ overhead_ratio = time(generate, S steps) / (S x time(one forward of the same bat
 speedup_threshold_cache = tokens/s(threshold + cache) / tokens/s(one per step)
 """
 import argparse
+import collections
 import dataclasses
 import datetime
 import functools
+import glob
+import gzip
 import json
 import os
 import platform
@@ -170,9 +173,6 @@ def print_top_ops(trace_dir: str, top: int = 15):
     (on a GPU: a stream's kernels, XLA's ops, XLA's modules), the names that took the most
     time in all (summed over calls), with their share of that thread's busy time: where a
     traced generate's time goes, without TensorBoard."""
-    import collections
-    import glob
-    import gzip
     paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not paths:
         print(f"  no perfetto_trace.json.gz under {trace_dir}")
