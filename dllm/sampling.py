@@ -161,7 +161,7 @@ def _nucleus_cutoff(probs: Array, top_p: float) -> Array:
 
     one = int(np.float32(1.0).view(np.int32))  # no probability lies above it
     lo = jnp.full(probs.shape[:-1], -1, jnp.int32)  # above -1: all the mass, > top_p
-    rounds = -(-(one + 1).bit_length() // 2)
+    rounds = ((one + 1).bit_length() + 1) // 2  # a quarter of the bracket per round
     _, hi = jax.lax.fori_loop(0, rounds, quarter, (lo, jnp.full(probs.shape[:-1], one, jnp.int32)))
     return jax.lax.bitcast_convert_type(hi, jnp.float32)[..., None]
 
