@@ -8,7 +8,7 @@ Logits [B, W, V] (W = a 256-token block + the position left of it, V = the
 qwen2.5-coder vocabulary by default) in bfloat16, random. Each part is jitted
 alone and timed as the median of 20 calls after a warm-up: the softmax, top_k
 at k = 16 and 256 (what a sort-based top-p prefilter would cost; the filter no
-longer sorts), the whole top-p filter (bisection on the cutoff), the per-position
+longer sorts), the whole top-p filter (a search for the cutoff), the per-position
 Gumbel draws over the vocabulary, the entropy confidence, and `propose` whole (its
 parts overlap: XLA fuses some of them inside propose).
 """
