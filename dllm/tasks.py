@@ -49,6 +49,8 @@ class Task:
     tests: Python sources, each one test case run after the program.
     imports: lines prepended to every program (e.g. MBPP's test_imports).
     solution: a reference solution (code), where known ("" otherwise).
+    demonstration: the response instruction tuning trains on where it is not the
+      solution (the synthetic "sft" split's slips; "" otherwise).
     """
     task_id: str
     prompt: str
@@ -56,6 +58,7 @@ class Task:
     tests: tuple[str, ...]
     imports: str = ""
     solution: str = ""
+    demonstration: str = ""
 
     def __post_init__(self):
         # A task without a test would pass any completion (a free reward under RL).
@@ -169,12 +172,13 @@ def question(task: Task) -> str:
 def sft_pairs(tasks: Sequence[Task]) -> list[tuple[tuple[dict, ...], str]]:
     """(prompt messages, response) pairs for instruction tuning, in the prompt format of
     style "diffucoder": the system turn and `question(task)` as the user turn; the
-    response is the reference solution as one ```python block. Tasks without a solution
-    fail."""
-    missing = [t.task_id for t in tasks if not t.solution]
+    response is the task's demonstration, else its reference solution, as one ```python
+    block. Tasks with neither fail."""
+    missing = [t.task_id for t in tasks if not (t.demonstration or t.solution)]
     if missing:
         raise ValueError(f"tasks without a reference solution: {missing[:5]}")
-    return [(_messages(question(t)), f"{ANSWER_PREFIX}{t.solution}```") for t in tasks]
+    return [(_messages(question(t)), f"{ANSWER_PREFIX}{t.demonstration or t.solution}```")
+            for t in tasks]
 
 
 def _messages(user: str) -> tuple[dict, ...]:
@@ -187,9 +191,8 @@ def _messages(user: str) -> tuple[dict, ...]:
 SYNTHETIC = "synthetic"
 # Disjoint sets of each family's constants: instruction tuning (the warm-up), RL
 # training, and evaluation. RL trains on constants the warm-up never saw, as the paper's
-# RL problems are not its instruction-tuning data: the warm-up's mistakes on unseen
-# constants (a nearby trained constant instead of the asked one) are what RL can fix,
-# and what held-out evaluation measures.
+# RL problems are not its instruction-tuning data, and held-out tasks ask for constants
+# neither saw.
 SPLITS = ("sft", "rl", "heldout")
 
 
@@ -198,13 +201,17 @@ class Family:
     """A parameterised function-writing task: `def {name}({arg}): return {body}`, the
     constant k in the body only (held-out tasks ask for constants never trained on).
 
-    does: what the function returns (a format string of k); params: the values of k
-    (one task each); inputs(rng, k): one test input."""
+    does: what the function returns (a format string of k); slip: a plausible wrong
+    body (an operand swapped, a boundary or a method confused), which every task's
+    tests tell apart from `body` and which part of the instruction-tuning split
+    demonstrates; params: the values of k (one task each); inputs(rng, k): one test
+    input."""
     name: str
     category: str
     arg: str
     does: str
     body: str
+    slip: str
     params: tuple
     inputs: Callable[[np.random.Generator, Any], Any]
 
@@ -238,67 +245,82 @@ def _digit_list(rng, k):
 
 
 FAMILIES = (
-    Family("add", "arithmetic", "x", "`x` plus {k}", "x + {k}", tuple(range(1, 151)), _int),
-    Family("minus", "arithmetic", "x", "`x` minus {k}", "x - {k}", tuple(range(1, 151)), _int),
-    Family("times", "arithmetic", "x", "`x` multiplied by {k}", "x * {k}", tuple(range(2, 151)),
-           _int),
+    Family("add", "arithmetic", "x", "`x` plus {k}", "x + {k}", "x - {k}",
+           tuple(range(1, 151)), _int),
+    Family("minus", "arithmetic", "x", "`x` minus {k}", "x - {k}", "{k} - x",
+           tuple(range(1, 151)), _int),
+    Family("times", "arithmetic", "x", "`x` multiplied by {k}", "x * {k}", "x + {k}",
+           tuple(range(2, 151)), _int),
     Family("mod", "arithmetic", "x", "the remainder of `x` divided by {k}", "x % {k}",
-           tuple(range(2, 151)), _natural),
+           "x // {k}", tuple(range(2, 151)), _natural),
     Family("divisible", "arithmetic", "x", "True if `x` is divisible by {k}, else False",
-           "x % {k} == 0", tuple(range(2, 151)), _multiple_or_not),
+           "x % {k} == 0", "{k} % x == 0", tuple(range(2, 151)), _multiple_or_not),
     Family("repeat", "strings", "s", "the string `s` repeated {k} times", "s * {k}",
-           tuple(range(2, 10)), _word),
+           "s * ({k} + 1)", tuple(range(2, 10)), _word),
     Family("append", "strings", "s", "`s` followed by the string '{k}'", "s + '{k}'",
+           "'{k}' + s",
            ("ab", "xy", "end", "ing", "er", "ed", "ly", "ness", "ful", "pre", "zz", "ok"), _word),
     Family("count", "strings", "s", "the number of times the letter '{k}' occurs in `s`",
-           "s.count('{k}')", tuple("abcdeilmnorstu"), _word),
-    Family("first", "strings", "s", "the first {k} characters of `s`", "s[:{k}]",
+           "s.count('{k}')", "s.find('{k}')", tuple("abcdeilmnorstu"), _word),
+    Family("first", "strings", "s", "the first {k} characters of `s`", "s[:{k}]", "s[{k}:]",
            tuple(range(1, 9)), _word),
-    Family("last", "strings", "s", "the last {k} characters of `s`", "s[-{k}:]",
+    Family("last", "strings", "s", "the last {k} characters of `s`", "s[-{k}:]", "s[:-{k}]",
            tuple(range(1, 9)), _word),
     Family("above", "lists", "xs", "the elements of the list `xs` greater than {k}, in order",
-           "[x for x in xs if x > {k}]", tuple(range(0, 150)), _near_list),
+           "[x for x in xs if x > {k}]", "[x for x in xs if x >= {k}]",
+           tuple(range(0, 150)), _near_list),
     Family("shift", "lists", "xs", "the list `xs` with {k} added to every element",
-           "[x + {k} for x in xs]", tuple(range(1, 151)), _int_list),
+           "[x + {k} for x in xs]", "[x - {k} for x in xs]", tuple(range(1, 151)), _int_list),
     Family("count_of", "lists", "xs", "how many elements of the list `xs` equal {k}",
-           "xs.count({k})", tuple(range(0, 10)), _digit_list),
+           "xs.count({k})", "xs.index({k})", tuple(range(0, 10)), _digit_list),
     Family("take", "lists", "xs", "the first {k} elements of the list `xs`", "xs[:{k}]",
-           tuple(range(1, 9)), _int_list),
+           "xs[{k}:]", tuple(range(1, 9)), _int_list),
     Family("scaled_sum", "lists", "xs", "the sum of the elements of `xs` multiplied by {k}",
-           "sum(xs) * {k}", tuple(range(2, 76)), _int_list),
+           "sum(xs) * {k}", "sum(xs) + {k}", tuple(range(2, 76)), _int_list),
 )
 
 
+def _solution(family: Family, k, body: str = "") -> str:
+    return f"def {family.name}({family.arg}):\n    return {(body or family.body).format(k=k)}\n"
+
+
 @functools.lru_cache(maxsize=None)
-def _family_fn(family: Family, k) -> Callable:
+def _family_fn(family: Family, k, body: str = "") -> Callable:
     namespace: dict = {}
-    exec(_solution(family, k), namespace)  # our own template code, not model output
+    exec(_solution(family, k, body), namespace)  # our own template code, not model output
     return namespace[family.name]
 
 
-def _solution(family: Family, k) -> str:
-    return f"def {family.name}({family.arg}):\n    return {family.body.format(k=k)}\n"
+def _outcome(fn: Callable, x) -> str:
+    """What a test of fn at input x sees: the repr of its value, or the error raised."""
+    try:
+        return repr(fn(x))
+    except Exception as e:  # noqa: BLE001 -- a slip may raise (xs.index, k % 0)
+        return type(e).__name__
 
 
 def family_task(family: Family, k, rng: np.random.Generator, n_tests: int = 3,
                 candidates: int = 40, rivals: int = 12) -> Task:
     """The task of `family` at parameter k. Its n_tests inputs are picked greedily
     from `candidates` drawn with rng so that they tell k's solution apart from the
-    solutions at the `rivals` nearest other parameters of the family (the likeliest
-    confusions); expected outputs come from the reference solution."""
+    family's slip at k (the first input always does, where any can) and from the
+    solutions at the `rivals` nearest other parameters (the likeliest confusions);
+    expected outputs come from the reference solution."""
     entry = family.name
     fn = _family_fn(family, k)
     pool = list({repr(x): x for x in (family.inputs(rng, k) for _ in range(candidates))}.values())
-    target = [repr(fn(x)) for x in pool]
-    # agrees[j][c]: the solution at the j-th other parameter gives candidate c's output.
+    target = [_outcome(fn, x) for x in pool]
+    # agrees[j][c]: the j-th wrong solution (the slip first) gives candidate c's output.
     at = family.params.index(k)
     near = sorted(range(len(family.params)), key=lambda i: abs(i - at))[1:rivals + 1]
-    agrees = [[repr(_family_fn(family, family.params[j])(x)) == t for x, t in zip(pool, target)]
-              for j in near]
-    alive, chosen = range(len(agrees)), []   # others that agree on every chosen input
+    wrong = [_family_fn(family, k, family.slip)] + [_family_fn(family, family.params[j])
+                                                     for j in near]
+    agrees = [[_outcome(w, x) == t for x, t in zip(pool, target)] for w in wrong]
+    weight = [len(wrong)] + [1] * len(near)   # telling the slip apart outweighs all rivals
+    alive, chosen = range(len(agrees)), []   # wrong solutions that agree on every chosen input
     for _ in range(min(n_tests, len(pool))):
         best = min((c for c in range(len(pool)) if c not in chosen),
-                   key=lambda c: sum(agrees[j][c] for j in alive))
+                   key=lambda c: sum(weight[j] * agrees[j][c] for j in alive))
         chosen.append(best)
         alive = [j for j in alive if agrees[j][best]]
     inputs = [pool[c] for c in chosen]
@@ -309,22 +331,25 @@ def family_task(family: Family, k, rng: np.random.Generator, n_tests: int = 3,
 
 
 def synthetic_tasks(split: str, seed: int = 0, heldout_fraction: float = 0.1,
-                    rl_fraction: float = 0.25) -> list[Task]:
+                    rl_fraction: float = 0.25, slip_fraction: float = 0.4) -> list[Task]:
     """The synthetic families' tasks of `split` (SPLITS): in each family a fixed
     pseudo-random `heldout_fraction` of the parameter values (at least one) is held
     out, another `rl_fraction` (at least one) is for RL, and the rest for instruction
-    tuning, so every split asks for other constants. The same seed gives the same
-    tasks and tests."""
+    tuning, so every split asks for other constants. In the "sft" split a fixed
+    `slip_fraction` of each family's tasks demonstrates the family's slip instead of the
+    solution (as instruction data scraped from the wild holds mistakes): the warm-up
+    learns both and is unsure between them on new constants, and the tests, through RL,
+    tell them apart. The same seed gives the same tasks and tests."""
     if split not in SPLITS:
         raise ValueError(f"synthetic split {split!r}; allowed: {SPLITS}")
-    return list(_synthetic_tasks(split, seed, heldout_fraction, rl_fraction))
+    return list(_synthetic_tasks(split, seed, heldout_fraction, rl_fraction, slip_fraction))
 
 
 @functools.lru_cache(maxsize=None)
-def _synthetic_tasks(split: str, seed: int, heldout_fraction: float,
-                     rl_fraction: float) -> tuple[Task, ...]:
+def _synthetic_tasks(split: str, seed: int, heldout_fraction: float, rl_fraction: float,
+                     slip_fraction: float) -> tuple[Task, ...]:
     # Cached: a run names its suites in several places (config checks, the warm-up's
-    # data, the stage), and building them takes ~0.5 s.
+    # data, the stage), and building them takes ~1 s.
     out = []
     for f_index, family in enumerate(FAMILIES):
         order = np.random.default_rng([seed, f_index]).permutation(len(family.params))
@@ -332,7 +357,12 @@ def _synthetic_tasks(split: str, seed: int, heldout_fraction: float,
         n_rl = max(1, round(rl_fraction * len(order)))
         chosen = {"heldout": order[:n_held], "rl": order[n_held:n_held + n_rl],
                   "sft": order[n_held + n_rl:]}[split]
+        slips = set(chosen[:round(slip_fraction * len(chosen))]) if split == "sft" else set()
         for i in sorted(chosen):
             rng = np.random.default_rng([seed, f_index, int(i)])
-            out.append(family_task(family, family.params[i], rng))
+            task = family_task(family, family.params[i], rng)
+            if i in slips:
+                task = dataclasses.replace(
+                    task, demonstration=_solution(family, family.params[i], family.slip))
+            out.append(task)
     return tuple(out)

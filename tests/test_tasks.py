@@ -151,13 +151,31 @@ def test_reference_solutions_pass_and_neighbours_fail(splits):
             other = by_id[f"synthetic/{family.name}_{k_next}"]
             assert len(task.tests) == 3 and len(set(task.tests)) == 3
             assert run_locally(task.solution, task.tests), task.task_id
-            # The neighbouring constant's solution fails these tests.
+            # The neighbouring constant's solution and the family's slip fail these tests.
             assert not run_locally(other.solution, task.tests), (task.task_id, other.solution)
+            slip = f"def {family.name}({family.arg}):\n    return {family.slip.format(k=k)}\n"
+            assert not run_locally(slip, task.tests), (task.task_id, slip)
+
+
+def test_the_sft_split_demonstrates_each_familys_slip_in_a_fixed_share(splits):
+    for family in tasks_lib.FAMILIES:
+        sft = [t for t in splits["sft"] if t.entry_point == family.name]
+        slipped = [t for t in sft if t.demonstration]
+        assert len(slipped) == round(0.4 * len(sft)), family.name
+        for t in slipped:
+            k = t.task_id[len(f"synthetic/{family.name}_"):]
+            assert t.demonstration == t.solution.replace(family.body.format(k=k),
+                                                         family.slip.format(k=k))
+            assert not run_locally(t.demonstration, t.tests), t.task_id
+    assert not any(t.demonstration for split in ("rl", "heldout") for t in splits[split])
+    clean = tasks_lib.synthetic_tasks("sft", slip_fraction=0.0)
+    assert [t.task_id for t in clean] == [t.task_id for t in splits["sft"]]
+    assert not any(t.demonstration for t in clean)
 
 
 def test_reference_responses_earn_the_full_reward_in_the_sandbox(suites):
     train, _ = suites
-    one_per_family = list({t.entry_point: t for t in train}.values())
+    one_per_family = list({t.entry_point: t for t in train if not t.demonstration}.values())
     responses = [response for _, response in tasks_lib.sft_pairs(one_per_family)]
     out = rewards.compute_rewards(responses, [t.tests for t in one_per_family], workers=2)
     assert out.total.tolist() == [2.5] * len(one_per_family)
@@ -185,8 +203,10 @@ def test_sft_pairs_and_the_tasks_data_source(suites):
     train, _ = suites
     pairs = tasks_lib.sft_pairs(train)
     system = {"role": "system", "content": tokenizer_lib.DEFAULT_SYSTEM_PROMPT}
-    assert pairs[0] == ((system, {"role": "user", "content": tasks_lib.question(train[0])}),
-                        f"{FENCE}python\n{train[0].solution}{FENCE}")
+    for task, pair in zip(train[:20], pairs):   # the demonstration where there is one
+        assert pair == ((system, {"role": "user", "content": tasks_lib.question(task)}),
+                        f"{FENCE}python\n{task.demonstration or task.solution}{FENCE}")
+    assert {bool(t.demonstration) for t in train[:20]} == {True, False}
     cfg = ml_collections.ConfigDict(dict(data.default_config(), source="tasks",
                                          path="synthetic:sft"))
     assert data.load_pairs(cfg) == pairs
