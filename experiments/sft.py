@@ -38,12 +38,14 @@ def get_config(arg: str = ""):
         # at one canvas length over to another.
         c.data.update(source="tasks", path="synthetic:sft", seq_len=160, sft_response_len=32,
                       vocab_size=512, eval_fraction=0.045)  # 35 of the 772 sft tasks
-        # Held-out pass@1 (greedy) after these 3000 steps (13.5 min on 2 idle cores) is
-        # not stable: 0.076 (seed 0) and 0.118 (seed 1) fresh, 0.647 with a tokenizer
-        # whose pieces come in another order (benchmarks/RESULTS.md). Shorter schedules
-        # fall off fast (0.13 after 2000 steps, when it trained on the RL split's tasks too).
-        c.train.update(steps=3000, batch_size=32, lr=3e-3, b2=0.98, warmup_steps=50,
-                       log_every=50, eval_every=3000)
+        # Copying a constant the model never wrote (two sentencepiece pieces, "▁13" "7")
+        # is learnt late and suddenly: the training loss plateaus near 0.1, then falls
+        # (after step 3000 at seed 0), and only then do held-out tasks pass. 3000-step
+        # warm-ups crossed it in three of seven tries (seeds, tokenizers, weight decay);
+        # these 6000 steps at weight decay 0.1 (24 min on 2 idle cores) at seeds 0 and 1
+        # (benchmarks/RESULTS.md).
+        c.train.update(steps=6000, batch_size=32, lr=3e-3, b2=0.98, warmup_steps=50,
+                       weight_decay=0.1, log_every=50, eval_every=6000)
         c.checkpoint.update(every=500, keep=1)
         c.sample.update(max_new_tokens=32, steps=32, alg="entropy")
         c.sample.prompt = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
