@@ -15,6 +15,7 @@ def get_config(arg: str = "grpo"):
         c = config_lib.load_experiment("experiments/sft.py:tasks_tiny")
         # The layout of the GRPO runs' rollouts below: 112 prompt + 24 completion tokens.
         c.data.update(source="sft", eval_fraction=0.0, seq_len=136, sft_response_len=24)
+        # Weight decay 0.01, not tasks_tiny's 0.1: the reward test below was sized on it.
         c.train.update(steps=200, batch_size=16, lr=3e-3, warmup_steps=10, eval_every=0,
                        weight_decay=0.01, log_every=40)
         c.checkpoint.update(every=200, keep=1)
