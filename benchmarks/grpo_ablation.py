@@ -2,7 +2,7 @@
 Table 2): coupled, decoupled, full_mask and d1, each over several seeds, all from one
 shared warm-up, with held-out pass@1 and reward curves.
 
-    python benchmarks/grpo_ablation.py --root=runs/ablation [--seeds 0,1,2] [--steps 40]
+    python benchmarks/grpo_ablation.py --root=runs/ablation [--seeds 0,1,2] [--steps 120]
         [--json OUT]
 
 Each run is `python -m dllm.main --config=experiments/coupled_grpo.py:<variant>` in
@@ -74,7 +74,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", required=True)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--eval_every", type=int, default=20)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
