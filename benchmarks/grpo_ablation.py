@@ -11,7 +11,7 @@ Rerunning the command resumes: finished runs are read, unfinished ones resume fr
 their last checkpoint. Writes ROOT/ablation.png (mean rollout reward, a moving average,
 and held-out pass@1 against the step, mean over seeds) and prints the table: held-out
 pass@1 at step 0 and at the end, mean and spread (min..max) over seeds. The 12 default
-runs take about an hour on 2 CPU cores (61 min, 2026-11-28), plus the 24-min warm-up.
+runs take about an hour on 2 CPU cores (61 min, 2026-11-28), plus the 27-min warm-up.
 """
 import argparse
 import json

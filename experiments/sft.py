@@ -42,7 +42,7 @@ def get_config(arg: str = ""):
         # is learnt late and suddenly: the training loss plateaus near 0.1, then falls
         # (after step 3000 at seed 0), and only then do held-out tasks pass. 3000-step
         # warm-ups crossed it in three of seven tries (seeds, tokenizers, weight decay);
-        # these 6000 steps at weight decay 0.1 (24 min on 2 idle cores) crossed it at
+        # these 6000 steps at weight decay 0.1 (27 min on 2 idle cores) crossed it at
         # seeds 0, 1 and 2 (benchmarks/RESULTS.md).
         c.train.update(steps=6000, batch_size=32, lr=3e-3, b2=0.98, warmup_steps=50,
                        weight_decay=0.1, log_every=50, eval_every=6000)
