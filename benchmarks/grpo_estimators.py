@@ -14,8 +14,9 @@ coupled-GRPO iterations.
    passes: coupled vs decoupled with the fully masked pass (3 passes, the released
    code) and without (2 passes, the paper's text); full_mask and d1 use 1 pass.
 2. Gradient noise (needs --workdir): rollouts of --gradient_batches batches of 16 RL
-   tasks x G = 8, decoded as experiments/coupled_grpo.py:tiny's rollouts and scored;
-   the GRPO loss gradient (mu = 1, no KL) under --gradient_draws mask seeds. Reported
+   tasks x G = 8, decoded as experiments/coupled_grpo.py:tiny's rollouts and scored (a
+   batch whose groups all have equal rewards has no gradient: the next one replaces
+   it, and the count is reported); the GRPO loss gradient (mu = 1, no KL) under --gradient_draws mask seeds. Reported
    per estimator: the share of one draw's squared norm that is mask noise, the cosine
    between a draw and the batch's mean gradient, the cosine between the mean gradients
    of different batches (how much a step depends on the draw), and the cosine with the
@@ -30,6 +31,7 @@ coupled-GRPO iterations.
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -102,7 +104,14 @@ def gradient_table(workdir: str, n_batches: int, draws: int, prompts: int = 16) 
     suite = tasks.synthetic_tasks("rl")
     sample_cfg = sampling.sample_config_from_dict(c.sample)
     rollouts = []                 # (GRPO batch, instruction-tuning batch), shared by estimators
-    for i in range(n_batches):
+    skipped = 0                   # batches whose every group was unanimous (zero gradient)
+    for i in itertools.count():
+        if len(rollouts) == n_batches:
+            break
+        if i == 4 * n_batches:
+            raise RuntimeError(f"{workdir}: {i} rollout batches, only {len(rollouts)} with a "
+                               "group of unequal rewards; the model passes or fails every task "
+                               "in every sample")
         chosen = [suite[j] for j in np.random.default_rng(i).choice(len(suite), prompts, False)]
         # The rollouts' layout: prompts left-truncated and padded to exactly `width`.
         out = sampling.generate_text(
@@ -114,6 +123,9 @@ def gradient_table(workdir: str, n_batches: int, draws: int, prompts: int = 16) 
         batch = grpo.completion_batch(np.asarray(out.decoded.tokens), out.prompt_valid,
                                       tok.im_end_id)
         batch["advantages"] = grpo.group_advantages(scored.total, g).astype(np.float32)
+        if not batch["advantages"].any():
+            skipped += 1
+            continue
         sft = solution_batch(run, chosen, width, n)
         sft["advantages"] = np.ones(prompts, np.float32)
         rollouts.append((batch, sft))
@@ -144,7 +156,8 @@ def gradient_table(workdir: str, n_batches: int, draws: int, prompts: int = 16) 
                      "cos_between_batches": between(means),
                      "cos_between_batches_instruction_tuning": between(sft_means),
                      "cos_to_instruction_tuning": [round(x, 3) for x in to_sft],
-                     "batches": n_batches, "draws": draws, "rows": prompts * g})
+                     "batches": n_batches, "skipped_batches": skipped, "draws": draws,
+                     "rows": prompts * g})
     return rows
 
 
@@ -236,7 +249,8 @@ def main():
         out["gradients"] = gradient_table(args.workdir, args.gradient_batches,
                                           args.gradient_draws)
         print(f"GRPO loss gradients (mu = 1, no KL) of {args.gradient_batches} rollout batches "
-              f"x {args.gradient_draws} mask draws")
+              f"x {args.gradient_draws} mask draws (skipped, every group unanimous: "
+              f"{out['gradients'][0]['skipped_batches']})")
         print("| estimator | full pass | passes | mask-noise share of a draw | cos(draw, batch "
               "mean) | cos between batches (instruction tuning's) | cos to instruction tuning, "
               "per batch |")
