@@ -16,12 +16,12 @@ coupled-GRPO iterations.
 2. Gradient noise (needs --workdir): rollouts of --gradient_batches batches of 16 RL
    tasks x G = 8, decoded as experiments/coupled_grpo.py:tiny's rollouts and scored (a
    batch whose groups all have equal rewards has no gradient: the next one replaces
-   it, and the count is reported); the GRPO loss gradient (mu = 1, no KL) under --gradient_draws mask seeds. Reported
-   per estimator: the share of one draw's squared norm that is mask noise, the cosine
-   between a draw and the batch's mean gradient, the cosine between the mean gradients
-   of different batches (how much a step depends on the draw), and the cosine with the
-   instruction-tuning gradient of the same prompts' reference solutions (the direction
-   that transfers).
+   it, and the count is reported); the GRPO loss gradient (mu = 1, no KL) under
+   --gradient_draws mask seeds. Reported per estimator: the share of one draw's squared
+   norm that is mask noise, the cosine between a draw and the batch's mean gradient,
+   the cosine between the mean gradients of different batches (how much a step depends
+   on the draw), and the cosine with the instruction-tuning gradient of the same
+   prompts' reference solutions (the direction that transfers).
 3. Time split: a short coupled-GRPO run (train_and_evaluate, in a temporary directory)
    and its rollout / scoring / old+ref log-prob / update seconds per optimizer step,
    from the steps after the first rollout (which compiles). With --workdir it starts
@@ -31,7 +31,6 @@ coupled-GRPO iterations.
 import argparse
 import dataclasses
 import datetime
-import itertools
 import json
 import os
 import platform
@@ -105,13 +104,9 @@ def gradient_table(workdir: str, n_batches: int, draws: int, prompts: int = 16) 
     sample_cfg = sampling.sample_config_from_dict(c.sample)
     rollouts = []                 # (GRPO batch, instruction-tuning batch), shared by estimators
     skipped = 0                   # batches whose every group was unanimous (zero gradient)
-    for i in itertools.count():
+    for i in range(4 * n_batches):
         if len(rollouts) == n_batches:
             break
-        if i == 4 * n_batches:
-            raise RuntimeError(f"{workdir}: {i} rollout batches, only {len(rollouts)} with a "
-                               "group of unequal rewards; the model passes or fails every task "
-                               "in every sample")
         chosen = [suite[j] for j in np.random.default_rng(i).choice(len(suite), prompts, False)]
         # The rollouts' layout: prompts left-truncated and padded to exactly `width`.
         out = sampling.generate_text(
@@ -129,6 +124,10 @@ def gradient_table(workdir: str, n_batches: int, draws: int, prompts: int = 16) 
         sft = solution_batch(run, chosen, width, n)
         sft["advantages"] = np.ones(prompts, np.float32)
         rollouts.append((batch, sft))
+    if len(rollouts) < n_batches:
+        raise RuntimeError(f"{workdir}: only {len(rollouts)} of {4 * n_batches} rollout batches "
+                           "have a group of unequal rewards; the model passes or fails every "
+                           "task in every sample")
     flat = lambda tree: np.asarray(ravel_pytree(tree)[0])
     cos = lambda a, b: float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
     rows = []
